@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the train state and the config that made it.
+
+A checkpoint directory ``<workdir>/checkpoints/<step>/`` holds two items: ``state`` (step, params, batch_stats,
+opt_state, rng as a plain state dict) and ``config`` (the experiment config as JSON), so a checkpoint alone is
+enough to rebuild the model for prediction. Saving is asynchronous; ``close`` (or ``wait_until_finished``) waits.
+"""
+
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from segjax.errors import SegjaxError
+from segjax.train.state import TrainState
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where the checkpoints of a workdir live (absolute, as Orbax requires)."""
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def create_manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager for ``<workdir>/checkpoints`` keeping the last ``max_to_keep`` steps."""
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep, create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only
+  )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config"))
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict) -> None:
+  """Starts saving ``state`` (at its own step) and ``config``; returns before the write completes."""
+  step = int(state.step)
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+      config=ocp.args.JsonSave(config.to_dict()),
+    ),
+  )
+
+
+def restore_state(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:
+  """Restores the state saved at ``step`` (default: the latest) into the structure of ``template``."""
+  step = manager.latest_step() if step is None else step
+  target = serialization.to_state_dict(template)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return serialization.from_state_dict(template, _fill_empty(target, restored["state"]))
+
+
+def restore_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """Reads the config saved with a checkpoint of ``workdir``.
+
+  Args:
+    workdir: the training run's directory.
+    step: a checkpoint step; default the latest.
+
+  Returns:
+    ``(config, step)``.
+
+  Raises:
+    SegjaxError: if the workdir has no checkpoint, or not the requested step.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise SegjaxError(
+      f"no checkpoint in '{workdir}' ({directory} does not exist); train first with "
+      f"'python -m experiments.train --workdir={workdir}' or pass the workdir of a finished run."
+    )
+  manager = create_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise SegjaxError(f"no checkpoint in '{directory}'; train first or pass the workdir of a finished run.")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise SegjaxError(f"no checkpoint at step {step} in '{directory}'; available steps: {sorted(steps)}.")
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  manager.close()
+  return ml_collections.ConfigDict(restored["config"]), step
+
+
+def _fill_empty(target: Any, restored: Any) -> Any:
+  """Puts back empty containers (e.g. no batch_stats) that the checkpoint format drops."""
+  if isinstance(target, dict):
+    restored = dict(restored or {})
+    return {k: _fill_empty(v, restored.get(k)) for k, v in target.items()}
+  return restored if restored is not None else target

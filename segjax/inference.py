@@ -1,0 +1,110 @@
+"""Prediction with a trained checkpoint: load, read images, predict label maps.
+
+The checkpoint carries its config (with the dataset's number of classes and channels), so a workdir alone is enough.
+Images go through the same ``normalize_image`` as training. Models take any height and width (the U-Net pads
+internally), so whole images are predicted in one jitted call per distinct shape.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segjax import checkpoint
+from segjax.data.pipeline import normalize_image
+from segjax.errors import SegjaxError
+from segjax.train.optim import create_optimizer
+from segjax.train.state import TrainState, create_train_state
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A restored model ready to predict: its config, state and a jitted ``logits(state, images)``."""
+
+  config: ml_collections.ConfigDict
+  state: TrainState
+  step: int
+
+  def __post_init__(self):
+    self._logits = jax.jit(lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False))
+
+  @property
+  def num_channels(self) -> int:
+    return int(self.config.dataset_info.num_channels)
+
+  def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
+    """Image (H, W, C) uint8/uint16 -> class probabilities (H, W, num_classes), float32."""
+    logits = self._logits(self.state, normalize_image(image)[None])
+    return np.asarray(jax.nn.softmax(logits, -1)[0])
+
+  def predict_labels(self, image: np.ndarray) -> np.ndarray:
+    """Image (H, W, C) -> label map (H, W) of class ids."""
+    logits = self._logits(self.state, normalize_image(image)[None])
+    return np.asarray(jnp.argmax(logits[0], -1)).astype(np.uint8)
+
+
+def load_predictor(workdir: str, step: int | None = None) -> Predictor:
+  """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none."""
+  from segjax.train.loop import create_model
+
+  config, step = checkpoint.restore_config(workdir, step)
+  info = config.dataset_info
+  model = create_model(config, info.num_classes)
+  tx = create_optimizer(config.optimizer, config.num_train_steps)
+  template = create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, info.num_channels))
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  state = checkpoint.restore_state(manager, template, step)
+  manager.close()
+  return Predictor(config=config, state=state, step=step)
+
+
+def list_images(path: str) -> list[str]:
+  """The image file ``path`` itself, or the image files in folder ``path`` (sorted); SegjaxError if there are none."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise SegjaxError(f"input '{path}' does not exist; pass an image file or a folder of images with --input.")
+  files = sorted(
+    os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+  )
+  if not files:
+    raise SegjaxError(
+      f"input folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); point --input at a folder with images."
+    )
+  return files
+
+
+def check_images(paths: list[str]) -> None:
+  """Opens each file's header, so a non-image fails before any output is written; SegjaxError names the file."""
+  for path in paths:
+    try:
+      with Image.open(path):
+        pass
+    except (UnidentifiedImageError, OSError) as e:
+      raise SegjaxError(
+        f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG."
+      ) from e
+
+
+def read_image(path: str, num_channels: int) -> np.ndarray:
+  """Reads an image file as (H, W, num_channels) uint8 (uint16 kept for 16-bit grayscale).
+
+  Raises:
+    SegjaxError: if the file is not a readable image.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if num_channels == 1 and img.mode in ("I;16", "I;16B", "I"):
+        array = np.asarray(img).astype(np.uint16)
+      else:
+        array = np.asarray(img.convert("L" if num_channels == 1 else "RGB"))
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG.") from e
+  return array[..., None] if array.ndim == 2 else array

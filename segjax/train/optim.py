@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules from the config, one registry each."""
+
+from collections.abc import Callable
+
+import ml_collections
+import optax
+
+from segjax.errors import SegjaxError
+
+
+def _constant(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  del total_steps
+  return optax.constant_schedule(config.learning_rate)
+
+
+def _warmup_cosine(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  warmup = min(config.get("warmup_steps", 0), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=config.learning_rate * config.get("end_learning_rate_factor", 0.0),
+  )
+
+
+SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
+  "constant": _constant,
+  "warmup_cosine": _warmup_cosine,
+}
+
+OPTIMIZERS: dict[str, Callable[[optax.Schedule, ml_collections.ConfigDict], optax.GradientTransformation]] = {
+  "adam": lambda lr, c: optax.adam(lr),
+  "adamw": lambda lr, c: optax.adamw(lr, weight_decay=c.get("weight_decay", 1e-4)),
+  "sgd": lambda lr, c: optax.sgd(lr, momentum=c.get("momentum", 0.9), nesterov=c.get("nesterov", True)),
+}
+
+
+def create_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """The learning-rate schedule named by ``config.schedule`` over ``total_steps``."""
+  if config.schedule not in SCHEDULES:
+    raise SegjaxError(
+      f"unknown schedule '{config.schedule}' (config key optimizer.schedule); available: {', '.join(SCHEDULES)}."
+    )
+  return SCHEDULES[config.schedule](config, total_steps)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """The optimizer named by ``config.name``, driven by the configured schedule, with optional gradient clipping.
+
+  Args:
+    config: the ``optimizer`` section of an experiment config (name, learning_rate, schedule, ...).
+    total_steps: the training length, for schedules that decay over it.
+  """
+  if config.name not in OPTIMIZERS:
+    raise SegjaxError(
+      f"unknown optimizer '{config.name}' (config key optimizer.name); available: {', '.join(OPTIMIZERS)}."
+    )
+  tx = OPTIMIZERS[config.name](create_schedule(config, total_steps), config)
+  if config.get("grad_clip_norm"):
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx

@@ -1,0 +1,75 @@
+"""Loss and metric values on hand-computed cases."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.errors import SegjaxError
+from segjax.losses import get_loss, softmax_cross_entropy
+from segjax.metrics import confusion_matrix, summarize_confusion
+
+
+def test_cross_entropy_matches_hand_computation():
+  # Two pixels, 2 classes. Pixel 0: logits (0, 0) label 1 -> ln 2. Pixel 1: logits (ln 3, 0) label 0 -> ln(4/3).
+  logits = jnp.array([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+  labels = jnp.array([[1, 0]])
+  expected = (math.log(2.0) + math.log(4.0 / 3.0)) / 2
+  np.testing.assert_allclose(softmax_cross_entropy(logits, labels), expected, rtol=1e-6)
+
+
+def test_cross_entropy_weights_select_and_scale_pixels():
+  logits = jnp.array([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+  labels = jnp.array([[1, 0]])
+  only_second = softmax_cross_entropy(logits, labels, jnp.array([[0.0, 1.0]]))
+  np.testing.assert_allclose(only_second, math.log(4.0 / 3.0), rtol=1e-6)
+  # w = (1, 3): (ln2 + 3 ln(4/3)) / 4, the U-Net paper's weighted energy normalised by the total weight.
+  weighted = softmax_cross_entropy(logits, labels, jnp.array([[1.0, 3.0]]))
+  np.testing.assert_allclose(weighted, (math.log(2.0) + 3 * math.log(4.0 / 3.0)) / 4, rtol=1e-6)
+
+
+def test_unknown_loss_names_the_config_key():
+  with pytest.raises(SegjaxError, match="unknown loss 'dice_typo' \\(config key loss\\)"):
+    get_loss("dice_typo")
+
+
+def test_confusion_matrix_counts_pairs_and_skips_ignored_and_padding():
+  labels = jnp.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+  preds = jnp.array([[0, 1, 1, 1], [2, 0, 0, 1]])
+  weights = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
+  m = np.asarray(confusion_matrix(preds, labels, 3, weights))
+  expected = np.array([[1, 1, 0], [0, 2, 0], [1, 0, 1]])
+  np.testing.assert_array_equal(m, expected)
+
+
+def test_summary_iou_dice_accuracy_hand_computed():
+  # rows = truth, cols = prediction
+  m = np.array([[50, 10], [5, 35]])
+  s = summarize_confusion(m)
+  np.testing.assert_allclose(s["iou/0"], 50 / (50 + 10 + 5))
+  np.testing.assert_allclose(s["iou/1"], 35 / (35 + 5 + 10))
+  np.testing.assert_allclose(s["dice/1"], 2 * 35 / (2 * 35 + 5 + 10))
+  np.testing.assert_allclose(s["mean_iou"], (50 / 65 + 35 / 50) / 2)
+  np.testing.assert_allclose(s["foreground_iou"], 35 / 50)
+  np.testing.assert_allclose(s["pixel_accuracy"], 85 / 100)
+
+
+def test_absent_class_is_nan_and_left_out_of_means():
+  m = np.array([[10, 0, 0], [0, 5, 0], [0, 0, 0]])
+  s = summarize_confusion(m)
+  assert math.isnan(s["iou/2"])
+  assert s["mean_iou"] == 1.0
+  assert s["foreground_iou"] == 1.0
+
+
+def test_accumulating_batches_equals_whole_split():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, (6, 8, 8))
+  preds = np.where(rng.random((6, 8, 8)) < 0.7, labels, rng.integers(0, 3, (6, 8, 8)))
+  whole = np.asarray(confusion_matrix(jnp.asarray(preds), jnp.asarray(labels), 3))
+  parts = sum(
+    np.asarray(confusion_matrix(jnp.asarray(preds[i : i + 2]), jnp.asarray(labels[i : i + 2]), 3)) for i in (0, 2, 4)
+  )
+  np.testing.assert_array_equal(whole, parts)
+  assert whole.sum() == labels.size

@@ -1,0 +1,128 @@
+"""The pure train/eval steps, the train state and checkpoint round trips."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from segjax import checkpoint
+from segjax.data.augment import make_augment_fn
+from segjax.errors import SegjaxError
+from segjax.losses import softmax_cross_entropy
+from segjax.models import get_model
+from segjax.train.optim import create_optimizer, create_schedule
+from segjax.train.state import create_train_state
+from segjax.train.step import make_eval_step, make_train_step
+
+
+def _batch(seed: int = 0, n: int = 4, size: int = 16):
+  rng = np.random.default_rng(seed)
+  label = np.zeros((n, size, size), np.int32)
+  for i in range(n):
+    y, x = rng.integers(2, size - 8, 2)
+    label[i, y : y + 6, x : x + 6] = 1
+  image = (0.2 + 0.6 * label + 0.05 * rng.standard_normal(label.shape)).astype(np.float32)[..., None]
+  return {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+
+
+def _state(norm: str = "batch", lr: float = 1e-2):
+  model = get_model("unet", num_classes=2, depth=2, base_width=4, norm=norm)
+  return create_train_state(jax.random.PRNGKey(0), model, optax.adam(lr), (1, 16, 16, 1))
+
+
+def test_state_holds_params_batch_stats_opt_state_step_rng():
+  state = _state()
+  assert int(state.step) == 0
+  assert jax.tree_util.tree_leaves(state.batch_stats)
+  assert state.rng.shape == (2,) and state.rng.dtype == jnp.uint32
+  assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(
+    optax.adam(1.0).init(state.params)
+  )
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_train_step_lowers_loss_on_fixed_batch(norm):
+  batch = _batch()
+  state = _state(norm, lr=3e-2)
+  step = jax.jit(make_train_step(softmax_cross_entropy), donate_argnums=0)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 40
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert losses[-1] < min(losses[:10]), losses
+  assert step._cache_size() == 1  # compiled once
+
+
+def test_train_step_updates_batch_stats_and_is_deterministic():
+  batch = _batch()
+  step = jax.jit(make_train_step(softmax_cross_entropy, make_augment_fn(ml_collections.ConfigDict({"ops": ["flip"]}))))
+  s0 = _state()
+  s1, _ = step(s0, batch)
+  s1_again, _ = step(s0, batch)
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), s0.batch_stats, s1.batch_stats)
+  assert all(jax.tree_util.tree_leaves(changed))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, s1.params, s1_again.params)
+
+
+def test_eval_step_sums_match_direct_computation_and_ignore_padding():
+  state = _state()
+  batch = _batch(1)
+  weights = jnp.ones(batch["label"].shape).at[2:].set(0.0)
+  eval_step = jax.jit(make_eval_step(softmax_cross_entropy, 2))
+  out = eval_step(state, {**batch, "weights": weights})
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  pred = np.asarray(jnp.argmax(logits, -1))[:2]
+  label = np.asarray(batch["label"])[:2]
+  assert int(out["confusion"].sum()) == label.size
+  assert int(out["confusion"][1, 1]) == int(np.sum((pred == 1) & (label == 1)))
+  expected_loss = softmax_cross_entropy(logits[:2], batch["label"][:2])
+  np.testing.assert_allclose(out["loss_sum"] / out["weight_sum"], expected_loss, rtol=1e-5)
+
+
+def test_schedule_and_optimizer_from_config():
+  config = ml_collections.ConfigDict(
+    {
+      "name": "adam",
+      "learning_rate": 1e-3,
+      "schedule": "warmup_cosine",
+      "warmup_steps": 10,
+      "end_learning_rate_factor": 0.0,
+    }
+  )
+  schedule = create_schedule(config, 100)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+  create_optimizer(config, 100)
+  with pytest.raises(SegjaxError, match="unknown optimizer 'adan' \\(config key optimizer.name\\)"):
+    create_optimizer(ml_collections.ConfigDict({**config.to_dict(), "name": "adan"}), 100)
+
+
+def test_checkpoint_round_trip_restores_state_and_config(tmp_path):
+  step = jax.jit(make_train_step(softmax_cross_entropy))
+  state, _ = step(_state(), _batch())
+  config = ml_collections.ConfigDict({"model": {"name": "unet"}, "seed": 3, "dataset_info": {"num_classes": 2}})
+  manager = checkpoint.create_manager(str(tmp_path))
+  checkpoint.save(manager, state, config)
+  manager.wait_until_finished()
+  restored = checkpoint.restore_state(manager, _state())
+  manager.close()
+  assert int(restored.step) == 1
+  for a, b in (
+    (state.params, restored.params),
+    (state.batch_stats, restored.batch_stats),
+    (state.opt_state, restored.opt_state),
+  ):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  np.testing.assert_array_equal(state.rng, restored.rng)
+  loaded, loaded_step = checkpoint.restore_config(str(tmp_path))
+  assert loaded_step == 1 and loaded.seed == 3 and loaded.model.name == "unet"
+
+
+def test_restore_config_without_checkpoint_says_train_first(tmp_path):
+  with pytest.raises(SegjaxError, match="no checkpoint in .*train first"):
+    checkpoint.restore_config(str(tmp_path))
