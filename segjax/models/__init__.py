@@ -1,0 +1,113 @@
+"""Model registry: every model is found by the name in the config (``model.name``).
+
+A registered constructor is a Flax Linen module class or any callable returning one (typically a
+``functools.partial`` of one parameterised class, e.g. ``resnet50``). Importing this package registers all models.
+
+Example:
+  >>> from segjax import models
+  >>> model = models.get_model("unet_small", num_classes=2)
+  >>> type(model).__name__
+  'UNet'
+"""
+
+import re
+from collections.abc import Callable
+from typing import TypeVar
+
+import flax.linen as nn
+
+from segjax.errors import SegjaxError
+
+ModelConstructor = Callable[..., nn.Module]
+_Constructor = TypeVar("_Constructor", bound=ModelConstructor)
+
+_MODELS: dict[str, ModelConstructor] = {}
+
+
+def register_model(name: str) -> Callable[[_Constructor], _Constructor]:
+  """Decorator that registers a module class or a function returning a module under ``name``.
+
+  Args:
+    name: the registry name (``model.name`` in configs).
+
+  Returns:
+    A decorator that records its argument and returns it unchanged.
+
+  Raises:
+    ValueError: if ``name`` is already registered.
+  """
+
+  def decorator(constructor: _Constructor) -> _Constructor:
+    if name in _MODELS:
+      raise ValueError(f"model {name!r} is registered twice")
+    _MODELS[name] = constructor
+    return constructor
+
+  return decorator
+
+
+def _natural_key(name: str) -> list[str | int]:
+  # "resnet18" before "resnet101".
+  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def list_models() -> list[str]:
+  """Names of all registered models, sorted with numbers in numeric order (resnet18 before resnet101)."""
+  return sorted(_MODELS, key=_natural_key)
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+  """Builds the registered model ``name`` with module attributes ``kwargs`` (e.g. ``num_classes=2``).
+
+  Args:
+    name: a registered name, see :func:`list_models`.
+    **kwargs: keyword arguments of the constructor; they override a partial's defaults.
+
+  Returns:
+    An unbound Flax Linen module.
+
+  Raises:
+    SegjaxError: for an unknown name or keyword arguments the constructor does not accept.
+  """
+  if name not in _MODELS:
+    raise SegjaxError(
+      f"unknown model {name!r} (config key model.name); available: {', '.join(list_models())}. "
+      "Fix model.name in the config."
+    )
+  try:
+    return _MODELS[name](**kwargs)
+  except TypeError as e:
+    raise SegjaxError(f"cannot build model {name!r} from the config: {e}. Fix the model.* keys in the config.") from e
+
+
+# Imported last: these modules register themselves with the registry defined above.
+from segjax.models.resnet import (  # noqa: E402
+  BasicBlock,
+  BottleneckBlock,
+  ResidualBlock,
+  ResNet,
+  ResNet18,
+  ResNet34,
+  ResNet50,
+  ResNet101,
+  ResNet152,
+)
+from segjax.models.unet import UNet, UNetSmall  # noqa: E402
+
+__all__ = [
+  "BasicBlock",
+  "BottleneckBlock",
+  "ModelConstructor",
+  "ResNet",
+  "ResNet18",
+  "ResNet34",
+  "ResNet50",
+  "ResNet101",
+  "ResNet152",
+  "ResidualBlock",
+  "UNet",
+  "UNetSmall",
+  "get_model",
+  "list_models",
+  "register_model",
+]

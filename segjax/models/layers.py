@@ -1,0 +1,200 @@
+"""Conv and normalisation blocks shared by the segjax models.
+
+Every block takes ``train`` as a keyword-only call argument and a computation ``dtype`` attribute; parameters stay
+float32 (Flax's default ``param_dtype``). BatchNorm settings are written once here (:func:`batch_norm`) so the U-Net
+and the ResNet use the same momentum, epsilon and cross-device axis.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segjax.errors import SegjaxError
+
+NORMS = ("batch", "group", "instance", "none")
+
+# PyTorch's BatchNorm2d defaults (momentum 0.1 on the new value == 0.9 on the running value), so converted
+# torchvision weights behave the same.
+BN_MOMENTUM = 0.9
+NORM_EPSILON = 1e-5
+
+
+def he_normal(mode: str = "fan_in") -> jax.nn.initializers.Initializer:
+  """He et al. 2015 ("Delving deep into rectifiers", Sec. 2.2) Gaussian init with variance 2 / fan.
+
+  Ronneberger et al. 2015 (U-Net, Sec. 3) draw weights from N(0, sqrt(2 / N)), N the fan-in; torchvision's ResNet
+  uses the same rule on the fan-out.
+
+  Args:
+    mode: ``'fan_in'`` or ``'fan_out'``.
+
+  Returns:
+    A Flax/JAX initializer (untruncated normal).
+  """
+  return nn.initializers.variance_scaling(2.0, mode, "normal")
+
+
+def batch_norm(
+  *,
+  train: bool,
+  dtype: Any = jnp.float32,
+  axis_name: str | None = None,
+  scale_init: Callable[..., Any] = nn.initializers.ones,
+  name: str | None = None,
+) -> nn.BatchNorm:
+  """The one BatchNorm configuration in segjax (Ioffe & Szegedy 2015).
+
+  Args:
+    train: batch statistics (and running-stat updates) when True, running averages when False.
+    dtype: computation dtype.
+    axis_name: pmap/shard_map axis over which batch statistics are averaged; None for per-device statistics.
+    scale_init: initializer of gamma (zeros for the "zero-init residual" trick).
+    name: submodule name.
+
+  Returns:
+    An unbound ``nn.BatchNorm``.
+  """
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=NORM_EPSILON,
+    axis_name=axis_name,
+    dtype=dtype,
+    scale_init=scale_init,
+    name=name,
+  )
+
+
+def check_norm(norm: str, *, channels: int | None = None, group_norm_groups: int = 8) -> None:
+  """Raises SegjaxError if ``norm`` is unknown or group norm cannot split ``channels`` evenly.
+
+  Args:
+    norm: one of :data:`NORMS`.
+    channels: the smallest channel count that will be normalised (checked only for ``norm='group'``).
+    group_norm_groups: number of groups for group norm.
+
+  Raises:
+    SegjaxError: on an unknown norm or a group count that does not divide ``channels``.
+  """
+  if norm not in NORMS:
+    raise SegjaxError(f"unknown norm {norm!r} (config key model.norm); choose one of: {', '.join(NORMS)}.")
+  if norm == "group" and channels is not None and (group_norm_groups < 1 or channels % group_norm_groups):
+    raise SegjaxError(
+      f"group_norm_groups={group_norm_groups} does not divide {channels} channels (config keys "
+      "model.group_norm_groups, model.base_width); pick a group count that divides the base width."
+    )
+
+
+def norm_layer(
+  norm: str,
+  *,
+  train: bool,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+  group_norm_groups: int = 8,
+  name: str | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+  """Builds the normalisation layer named by ``norm`` (identity for ``'none'``).
+
+  Args:
+    norm: ``'batch'`` (Ioffe & Szegedy 2015), ``'group'`` (Wu & He 2018), ``'instance'`` (Ulyanov et al. 2016) or
+      ``'none'``.
+    train: see :func:`batch_norm`; ignored by the other norms.
+    dtype: computation dtype.
+    bn_axis_name: cross-device axis for batch norm.
+    group_norm_groups: number of groups for group norm.
+    name: submodule name.
+
+  Returns:
+    A callable on NHWC arrays.
+  """
+  check_norm(norm)
+  if norm == "batch":
+    return batch_norm(train=train, dtype=dtype, axis_name=bn_axis_name, name=name)
+  if norm == "group":
+    return nn.GroupNorm(num_groups=group_norm_groups, epsilon=NORM_EPSILON, dtype=dtype, name=name)
+  if norm == "instance":
+    return nn.InstanceNorm(epsilon=NORM_EPSILON, dtype=dtype, name=name)
+  return lambda x: x
+
+
+class ConvNormAct(nn.Module):
+  """Conv -> norm -> ReLU. The conv has a bias only when there is no norm (every norm here has a learned bias).
+
+  Attributes:
+    features: output channels.
+    kernel_size: conv window.
+    strides: conv strides.
+    padding: Flax padding; explicit pairs for strided convs (Flax 'SAME' pads stride-2 convs asymmetrically).
+    norm: one of :data:`NORMS`.
+    activation: apply ReLU after the norm.
+    dtype: computation dtype.
+    bn_axis_name: cross-device axis for batch norm.
+    group_norm_groups: number of groups for group norm.
+  """
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = "SAME"
+  norm: str = "batch"
+  activation: bool = True
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  group_norm_groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = nn.Conv(
+      self.features,
+      tuple(self.kernel_size),
+      strides=tuple(self.strides),
+      padding=self.padding,
+      use_bias=self.norm == "none",
+      dtype=self.dtype,
+      kernel_init=he_normal("fan_in"),
+      name="conv",
+    )(x)
+    x = norm_layer(
+      self.norm,
+      train=train,
+      dtype=self.dtype,
+      bn_axis_name=self.bn_axis_name,
+      group_norm_groups=self.group_norm_groups,
+      name="norm",
+    )(x)
+    return nn.relu(x) if self.activation else x
+
+
+class DoubleConv(nn.Module):
+  """Two 3x3 same-padded conv -> norm -> ReLU layers: one U-Net level (Ronneberger et al. 2015, Sec. 2).
+
+  Attributes:
+    features: output channels of both convs.
+    norm: one of :data:`NORMS`.
+    dtype: computation dtype.
+    bn_axis_name: cross-device axis for batch norm.
+    group_norm_groups: number of groups for group norm.
+  """
+
+  features: int
+  norm: str = "batch"
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  group_norm_groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(2):
+      x = ConvNormAct(
+        self.features,
+        norm=self.norm,
+        dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name,
+        group_norm_groups=self.group_norm_groups,
+        name=f"conv_{i}",
+      )(x, train=train)
+    return x
