@@ -5,7 +5,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app
+from absl import app, flags, logging
 
 from segjax.errors import SegjaxError
 
@@ -39,6 +39,8 @@ def run(main: Callable[[list[str]], None]) -> None:
   check_config_argument(sys.argv)
 
   def guarded(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every write at INFO; keep the progress bar readable
+      logging.set_verbosity(logging.WARNING)
     try:
       main(argv)
     except SegjaxError as e:

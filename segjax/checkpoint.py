@@ -22,9 +22,12 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def create_manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager for ``<workdir>/checkpoints`` keeping the last ``max_to_keep`` steps."""
+  """A CheckpointManager for ``<workdir>/checkpoints`` keeping the last ``max_to_keep`` steps.
+
+  ``read_only`` opens existing checkpoints for restoring only: nothing is created, and nothing may be saved.
+  """
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep, create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only
+    max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=not read_only
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config"))
 

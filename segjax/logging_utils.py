@@ -41,6 +41,10 @@ class MetricWriter:
     event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
     self._events.add_event(event)
 
+  def flush(self) -> None:
+    if self.enabled:
+      self._events.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._events.flush()

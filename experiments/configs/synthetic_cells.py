@@ -45,10 +45,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   config.batch_size = 8
   config.eval_batch_size = 16
-  config.num_train_steps = 1200
+  config.num_train_steps = 800
   config.log_every_steps = 25
-  config.eval_every_steps = 300
-  config.checkpoint_every_steps = 300
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
   config.max_checkpoints_to_keep = 3
   config.num_sample_images = 6
   config.num_test_images = 16

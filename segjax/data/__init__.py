@@ -63,6 +63,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   return DATASETS[config.name](config)
 
 
+def prepare(builder: Any) -> None:
+  """Prepares a TFDS builder's data once (a no-op when already prepared), saying so in one line."""
+  import tensorflow_datasets as tfds
+
+  if not builder.is_prepared():
+    print(f"preparing {builder.info.full_name} in {builder.data_dir} ...", flush=True)
+    tfds.display_progress_bar(False)  # one line instead of per-split bars that garble the training bar
+    builder.download_and_prepare()
+
+
 @register_dataset("synthetic_cells")
 def load_synthetic_cells(config: ml_collections.ConfigDict) -> Dataset:
   """The embedded default: ``synthetic_cells/<config.variant>``, generated into ``config.tfds_data_dir``."""
@@ -74,7 +84,7 @@ def load_synthetic_cells(config: ml_collections.ConfigDict) -> Dataset:
       f"unknown synthetic_cells variant '{config.variant}' (config key data.variant); available: {', '.join(variants)}."
     )
   builder = synthetic.SyntheticCells(config=config.variant, data_dir=config.get("tfds_data_dir"))
-  builder.download_and_prepare()
+  prepare(builder)
   bc = builder.builder_config
   class_names = (
     ("background", "cell")

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from segjax import checkpoint, viz
@@ -59,6 +58,12 @@ def run_config(config: ml_collections.ConfigDict, dataset: Dataset) -> ml_collec
     "class_names": list(dataset.class_names),
   }
   return saved
+
+
+def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Host-side means of per-step metric dicts (one device-to-host transfer for the whole list)."""
+  history = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
 def evaluate(state: TrainState, eval_step, source: Any, *, batch_size: int, num_classes: int) -> dict[str, float]:
@@ -116,12 +121,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = create_schedule(config.optimizer, total_steps)
   input_shape = (1, *np.asarray(train_source[0]["image"]).shape)
   state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape)
-  logging.info("model %s: %d parameters", config.model.name, count_params(state.params))
+  if is_main:
+    print(f"model {config.model.name}: {count_params(state.params):,} parameters; workdir {workdir}")
 
   manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
     state = checkpoint.restore_state(manager, state)
-    logging.info("resumed from step %d of %s", int(state.step), checkpoint.checkpoint_dir(workdir))
+    if is_main:
+      print(f"resuming from step {int(state.step)} of {checkpoint.checkpoint_dir(workdir)}")
   start_step = int(state.step)
   saved_config = run_config(config, dataset)
 
@@ -153,30 +160,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_start = time.perf_counter()
   pending: list[dict[str, jax.Array]] = []
   val_metrics = None
-  with tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not is_main) as bar:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_step(state, next(batches))
-      pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        logged = {
-          k: float(np.mean(v))
-          for k, v in jax.tree_util.tree_map(lambda *x: np.stack(x), *jax.device_get(pending)).items()
-        }
-        pending = []
-        logged["learning_rate"] = float(schedule(step - 1))
-        if not np.isfinite(logged["loss"]):
-          raise SegjaxError(f"non-finite loss {logged['loss']} at step {step}; lower optimizer.learning_rate.")
-        writer.write(step, "train", logged)
-        bar.set_postfix(loss=f"{logged['loss']:.4f}")
-      if step % config.eval_every_steps == 0 or step == total_steps:
-        val_metrics = run_eval(step)
-        bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        checkpoint.save(manager, state, saved_config)
-      bar.update(1)
+  try:
+    with tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not is_main) as bar:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, next(batches))
+        pending.append(metrics)
+        checkpoint_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+        # Metrics are also fetched before every checkpoint, so a non-finite state is never saved.
+        if step % config.log_every_steps == 0 or checkpoint_now:
+          logged = {**mean_metrics(pending), "learning_rate": float(schedule(step - 1))}
+          pending = []
+          if not (np.isfinite(logged["loss"]) and np.isfinite(logged["grad_norm"])):
+            raise SegjaxError(
+              f"non-finite loss or gradient (loss {logged['loss']}, grad_norm {logged['grad_norm']}) at or before "
+              f"step {step}; the last checkpoint is kept. Lower optimizer.learning_rate or set "
+              "optimizer.grad_clip_norm."
+            )
+          writer.write(step, "train", logged)
+          bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        if step % config.eval_every_steps == 0 or step == total_steps:
+          val_metrics = run_eval(step)
+          bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
+        if checkpoint_now:
+          checkpoint.save(manager, state, saved_config)
+        bar.update(1)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
   train_seconds = time.perf_counter() - train_start
-  manager.wait_until_finished()
-  manager.close()
 
   if val_metrics is None:  # resumed a finished run: evaluate the restored state again
     val_metrics = evaluate(

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from segjax.losses import LossFn
 from segjax.metrics import confusion_matrix
@@ -52,7 +53,7 @@ def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Cal
     augment_fn: optional on-device augmentation ``(key, batch) -> batch``.
 
   Returns:
-    ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss`` and ``pixel_accuracy``.
+    ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss``, ``pixel_accuracy``, ``grad_norm``.
   """
   objective = make_loss_fn(loss_fn)
 
@@ -66,7 +67,7 @@ def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Cal
     )
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": loss, "pixel_accuracy": accuracy}
+    return new_state, {"loss": loss, "pixel_accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
 
   return train_step
 

@@ -1,0 +1,170 @@
+"""End to end: `python -m experiments.train` and `experiments.predict` on the tiny config, and their errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "experiments/configs/tiny.py"
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": ""}
+  return subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tfds_dir):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = _run(
+    "experiments.train", f"--config={TINY}", f"--workdir={workdir}", f"--config.data.tfds_data_dir={tfds_dir}"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_writes_checkpoints_logs_plots_and_summary(trained):
+  workdir, result = trained
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  records = _records(workdir)
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 3, 4, 6]  # every 2, and at checkpoints
+  assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  for picture in ("curves.png", "samples.png"):
+    with Image.open(os.path.join(workdir, picture)) as img:
+      assert img.size[0] > 200 and img.size[1] > 200
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["steps"] == 6
+  assert 0.0 <= summary["validation"]["mean_iou"] <= 1.0
+  assert "foreground_iou" in result.stdout and "1: cell" in result.stdout
+  assert sorted(os.listdir(os.path.join(workdir, "test_images"))) == ["test_0000.png", "test_0001.png"]
+
+
+def test_train_again_resumes_from_latest_checkpoint(trained, tfds_dir, tmp_path):
+  workdir, _ = trained
+  import shutil
+
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  result = _run(
+    "experiments.train",
+    f"--config={TINY}",
+    f"--workdir={resumed}",
+    f"--config.data.tfds_data_dir={tfds_dir}",
+    "--config.num_train_steps=8",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from step 6" in result.stdout
+  steps = [r["step"] for r in _records(resumed) if r["split"] == "train"]
+  assert steps == [2, 3, 4, 6, 8]
+  assert json.load(open(os.path.join(resumed, "summary.json")))["trained_steps_this_run"] == 2
+
+
+def test_predict_writes_masks_equal_to_in_process_prediction(trained, tmp_path):
+  workdir, _ = trained
+  out = tmp_path / "pred"
+  result = _run("experiments.predict", f"--workdir={workdir}", f"--input={workdir}/test_images", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == [
+    "test_0000_mask.png",
+    "test_0000_overlay.png",
+    "test_0001_mask.png",
+    "test_0001_overlay.png",
+  ]
+
+  from segjax.inference import load_predictor, read_image
+
+  predictor = load_predictor(workdir)
+  assert predictor.step == 6
+  image = read_image(os.path.join(workdir, "test_images", "test_0000.png"), predictor.num_channels)
+  written = np.asarray(Image.open(out / "test_0000_mask.png"))
+  assert written.shape == image.shape[:2]
+  np.testing.assert_array_equal(written, predictor.predict_labels(image))
+  overlay = np.asarray(Image.open(out / "test_0000_overlay.png"))
+  assert overlay.shape == (*image.shape[:2], 3)
+
+
+def _assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+def test_missing_config_file_is_one_line_error(tmp_path):
+  result = _run("experiments.train", "--config=experiments/configs/nope.py", f"--workdir={tmp_path}")
+  _assert_one_line_error(result, "experiments/configs/nope.py", "does not exist", "synthetic_cells.py")
+
+
+def test_unknown_model_name_is_one_line_error(tmp_path, tfds_dir):
+  result = _run(
+    "experiments.train",
+    f"--config={TINY}",
+    f"--workdir={tmp_path}",
+    f"--config.data.tfds_data_dir={tfds_dir}",
+    "--config.model.name=unet_typo",
+  )
+  _assert_one_line_error(result, "unknown model 'unet_typo'", "model.name", "resnet18")
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_predict_without_checkpoint_is_one_line_error(tmp_path):
+  image = tmp_path / "a.png"
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+  result = _run(
+    "experiments.predict", f"--workdir={tmp_path / 'empty'}", f"--input={image}", f"--output={tmp_path / 'o'}"
+  )
+  _assert_one_line_error(result, "no checkpoint", "train first")
+
+
+def test_predict_on_non_image_and_empty_folder_are_one_line_errors(trained, tmp_path):
+  workdir, _ = trained
+  bad = tmp_path / "notes.png"
+  bad.write_text("not an image")
+  out = tmp_path / "out"
+  result = _run("experiments.predict", f"--workdir={workdir}", f"--input={bad}", f"--output={out}")
+  _assert_one_line_error(result, str(bad), "not a readable image")
+  assert not out.exists()  # nothing half-written
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = _run("experiments.predict", f"--workdir={workdir}", f"--input={empty}", f"--output={out}")
+  _assert_one_line_error(result, str(empty), "holds no images")
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, tfds_dir):
+  from experiments.configs import tiny
+  from segjax.errors import SegjaxError
+  from segjax.train.loop import train_and_evaluate
+
+  config = tiny.get_config()
+  config.data.tfds_data_dir = tfds_dir
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.grad_clip_norm = 0.0
+  config.optimizer.warmup_steps = 0
+  config.checkpoint_every_steps = 1
+  config.log_every_steps = 1
+  with pytest.raises(SegjaxError, match=r"non-finite loss or gradient .* step (\d+); the last checkpoint is kept") as e:
+    train_and_evaluate(config, str(tmp_path))
+  failed_step = int(e.value.args[0].split("step ")[1].split(";")[0])
+  kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert kept and max(kept) == failed_step - 1
