@@ -84,6 +84,25 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[ml_collection
   return ml_collections.ConfigDict(restored["config"]), step
 
 
+def config_differences(
+  a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, *, sections: tuple[str, ...]
+) -> list[str]:
+  """Dotted keys under ``sections`` whose values differ between two configs (missing on one side counts)."""
+  flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
+  keys = sorted(set(flat_a) | set(flat_b))
+  return [k for k in keys if k.split(".")[0] in sections and flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def _fill_empty(target: Any, restored: Any) -> Any:
   """Puts back empty containers (e.g. no batch_stats) that the checkpoint format drops."""
   if isinstance(target, dict):

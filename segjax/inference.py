@@ -5,11 +5,12 @@ Images go through the same ``normalize_image`` as training. Models take any heig
 internally), so whole images are predicted in one jitted call per distinct shape.
 """
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -17,22 +18,23 @@ from PIL import Image, UnidentifiedImageError
 from segjax import checkpoint
 from segjax.data.pipeline import normalize_image
 from segjax.errors import SegjaxError
+from segjax.models import create_model
 from segjax.train.optim import create_optimizer
 from segjax.train.state import TrainState, create_train_state
+from segjax.train.step import predict_logits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+_logits = jax.jit(predict_logits)
 
 
 @dataclasses.dataclass
 class Predictor:
-  """A restored model ready to predict: its config, state and a jitted ``logits(state, images)``."""
+  """A restored model ready to predict: its config, state and checkpoint step."""
 
   config: ml_collections.ConfigDict
   state: TrainState
   step: int
-
-  def __post_init__(self):
-    self._logits = jax.jit(lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False))
 
   @property
   def num_channels(self) -> int:
@@ -40,24 +42,23 @@ class Predictor:
 
   def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
     """Image (H, W, C) uint8/uint16 -> class probabilities (H, W, num_classes), float32."""
-    logits = self._logits(self.state, normalize_image(image)[None])
-    return np.asarray(jax.nn.softmax(logits, -1)[0])
+    return np.asarray(jax.nn.softmax(_logits(self.state, normalize_image(image)[None])[0], -1))
 
   def predict_labels(self, image: np.ndarray) -> np.ndarray:
-    """Image (H, W, C) -> label map (H, W) of class ids."""
-    logits = self._logits(self.state, normalize_image(image)[None])
-    return np.asarray(jnp.argmax(logits[0], -1)).astype(np.uint8)
+    """Image (H, W, C) -> label map (H, W) of class ids, uint8."""
+    return np.asarray(_logits(self.state, normalize_image(image)[None])[0].argmax(-1)).astype(np.uint8)
 
 
 def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none."""
-  from segjax.train.loop import create_model
-
   config, step = checkpoint.restore_config(workdir, step)
   info = config.dataset_info
-  model = create_model(config, info.num_classes)
+  model = create_model(config.model, info.num_classes)
   tx = create_optimizer(config.optimizer, config.num_train_steps)
-  template = create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, info.num_channels))
+  # The restore target only needs shapes: build it abstractly instead of initialising the model.
+  template = jax.eval_shape(
+    lambda: create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, info.num_channels))
+  )
   manager = checkpoint.create_manager(workdir, read_only=True)
   state = checkpoint.restore_state(manager, template, step)
   manager.close()
@@ -80,16 +81,21 @@ def list_images(path: str) -> list[str]:
   return files
 
 
+@contextlib.contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+  """``PIL.Image.open`` whose failures become a SegjaxError naming the file."""
+  try:
+    with Image.open(path) as img:
+      yield img
+  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG.") from e
+
+
 def check_images(paths: list[str]) -> None:
   """Opens each file's header, so a non-image fails before any output is written; SegjaxError names the file."""
   for path in paths:
-    try:
-      with Image.open(path):
-        pass
-    except (UnidentifiedImageError, OSError) as e:
-      raise SegjaxError(
-        f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG."
-      ) from e
+    with open_image(path):
+      pass
 
 
 def read_image(path: str, num_channels: int) -> np.ndarray:
@@ -98,13 +104,10 @@ def read_image(path: str, num_channels: int) -> np.ndarray:
   Raises:
     SegjaxError: if the file is not a readable image.
   """
-  try:
-    with Image.open(path) as img:
-      img.load()
-      if num_channels == 1 and img.mode in ("I;16", "I;16B", "I"):
-        array = np.asarray(img).astype(np.uint16)
-      else:
-        array = np.asarray(img.convert("L" if num_channels == 1 else "RGB"))
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
-    raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG.") from e
+  with open_image(path) as img:
+    img.load()
+    if num_channels == 1 and img.mode in ("I;16", "I;16B", "I"):
+      array = np.asarray(img).astype(np.uint16)
+    else:
+      array = np.asarray(img.convert("L" if num_channels == 1 else "RGB"))
   return array[..., None] if array.ndim == 2 else array

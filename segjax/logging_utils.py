@@ -1,4 +1,4 @@
-"""Metric logs: one writer that appends JSON lines and TensorBoard scalars (without importing TensorFlow)."""
+"""Metric logs: one writer that appends JSON lines and TensorBoard scalars (tensorboard's own event writer)."""
 
 import json
 import os
@@ -25,7 +25,7 @@ class MetricWriter:
       return
     if os.path.exists(self.jsonl_path):
       with open(self.jsonl_path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        kept = [line for line in f if (_step_of(line) or resume_step + 1) <= resume_step]
       with open(self.jsonl_path, "w") as f:
         f.writelines(kept)
     self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
@@ -49,3 +49,11 @@ class MetricWriter:
     if self.enabled:
       self._events.flush()
       self._events.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a JSON-lines record, or None for a line cut short by a killed process."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None

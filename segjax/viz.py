@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import matplotlib
 import numpy as np
 
+from segjax.errors import SegjaxError
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -23,8 +25,10 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-  """A float image in [0, 1] or a uint8 image, (H, W), (H, W, 1) or (H, W, 3) -> RGB uint8."""
+  """Float image in [0, 1] or integer image (full range of its dtype), (H, W), (H, W, 1) or (H, W, 3) -> RGB uint8."""
   image = np.asarray(image)
+  if np.issubdtype(image.dtype, np.integer) and image.dtype != np.uint8:
+    image = image.astype(np.float32) / np.iinfo(image.dtype).max
   if image.dtype != np.uint8:
     image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
   if image.ndim == 2:
@@ -90,9 +94,14 @@ def save_prediction(directory: str, name: str, image: np.ndarray, labels: np.nda
   """Writes ``<name>_mask.png`` (class ids as pixel values) and ``<name>_overlay.png``; returns both paths."""
   from PIL import Image
 
-  os.makedirs(directory, exist_ok=True)
   mask_path = os.path.join(directory, f"{name}_mask.png")
   overlay_path = os.path.join(directory, f"{name}_overlay.png")
-  Image.fromarray(np.asarray(labels, np.uint8)).save(mask_path)
-  Image.fromarray(overlay(image, labels)).save(overlay_path)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    Image.fromarray(np.asarray(labels, np.uint8)).save(mask_path)
+    Image.fromarray(overlay(image, labels)).save(overlay_path)
+  except OSError as e:
+    raise SegjaxError(
+      f"cannot write predictions to '{directory}' ({e.strerror or e}); pass a writable --output."
+    ) from e
   return mask_path, overlay_path

@@ -158,13 +158,90 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, tfd
 
   config = tiny.get_config()
   config.data.tfds_data_dir = tfds_dir
-  config.optimizer.learning_rate = 1e30
-  config.optimizer.grad_clip_norm = 0.0
-  config.optimizer.warmup_steps = 0
-  config.checkpoint_every_steps = 1
+  config.num_train_steps = 3
+  train_and_evaluate(config, str(tmp_path))  # a good checkpoint at step 3
+  config.num_train_steps = 6
+  config.optimizer.learning_rate = 1e30  # same state structure, so it resumes, then blows up
   config.log_every_steps = 1
-  with pytest.raises(SegjaxError, match=r"non-finite loss or gradient .* step (\d+); the last checkpoint is kept") as e:
+  with pytest.raises(SegjaxError, match=r"non-finite loss or gradient .* step 4; the last checkpoint is kept"):
     train_and_evaluate(config, str(tmp_path))
-  failed_step = int(e.value.args[0].split("step ")[1].split(";")[0])
-  kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-  assert kept and max(kept) == failed_step - 1
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3]
+
+
+def test_multiclass_rgb_variant_trains_and_predicts_four_classes(tmp_path, tfds_dir):
+  from experiments.configs import tiny
+  from segjax.inference import load_predictor, read_image
+  from segjax.train.loop import train_and_evaluate
+
+  config = tiny.get_config("tiny_rgb")
+  config.data.tfds_data_dir = tfds_dir
+  config.num_train_steps = 2
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert {f"iou/{c}" for c in range(4)} <= set(summary["validation"])
+  predictor = load_predictor(str(tmp_path))
+  assert predictor.num_channels == 3 and predictor.config.dataset_info.num_classes == 4
+  image = read_image(str(tmp_path / "test_images" / "test_0000.png"), 3)
+  assert image.shape == (64, 64, 3)
+  probabilities = predictor.predict_probabilities(image)
+  assert probabilities.shape == (64, 64, 4)
+  np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(predictor.predict_labels(image), probabilities.argmax(-1))
+
+
+def _tiny(tfds_dir, **overrides):
+  from experiments.configs import tiny
+
+  config = tiny.get_config()
+  config.data.tfds_data_dir = tfds_dir
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, tfds_dir):
+  import shutil
+
+  from segjax import checkpoint
+  from segjax.inference import load_predictor
+  from segjax.train.loop import train_and_evaluate
+
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  train_and_evaluate(_tiny(tfds_dir), str(straight))
+  train_and_evaluate(_tiny(tfds_dir), str(interrupted))
+  # Simulate a crash after the step-3 checkpoint: drop what the run wrote later.
+  shutil.rmtree(interrupted / "checkpoints" / "6")
+  assert checkpoint.restore_config(str(interrupted))[1] == 3
+  summary = train_and_evaluate(_tiny(tfds_dir), str(interrupted))
+  assert summary["trained_steps_this_run"] == 3
+  a, b = load_predictor(str(straight)).state, load_predictor(str(interrupted)).state
+  for x, y in ((a.params, b.params), (a.batch_stats, b.batch_stats), (a.opt_state, b.opt_state)):
+    jax_tree_equal = [np.array_equal(u, v) for u, v in zip(_leaves(x), _leaves(y), strict=True)]
+    assert all(jax_tree_equal)
+
+
+def _leaves(tree):
+  import jax
+
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_resume_with_incompatible_config_names_differing_keys(tmp_path, tfds_dir):
+  from segjax.errors import SegjaxError
+  from segjax.train.loop import train_and_evaluate
+
+  train_and_evaluate(_tiny(tfds_dir, num_train_steps=3), str(tmp_path))
+  wider = _tiny(tfds_dir, num_train_steps=6)
+  wider.model.kwargs.base_width = 4
+  with pytest.raises(SegjaxError, match=r"does not fit this config \(differing keys: model.kwargs.base_width\)"):
+    train_and_evaluate(wider, str(tmp_path))
+
+
+def test_classifier_model_is_refused_for_segmentation(tmp_path, tfds_dir):
+  from segjax.errors import SegjaxError
+  from segjax.train.loop import train_and_evaluate
+
+  config = _tiny(tfds_dir)
+  config.model.name = "resnet18"
+  config.model.kwargs = {}
+  with pytest.raises(SegjaxError, match="model 'resnet18' .* it is a classifier"):
+    train_and_evaluate(config, str(tmp_path))

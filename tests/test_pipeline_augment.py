@@ -88,3 +88,14 @@ def test_make_augment_fn_batches_and_validates_names():
   assert len({tuple(np.asarray(x).ravel()) for x in out["label"]}) > 1
   again = augment(jax.random.PRNGKey(0), batch)
   np.testing.assert_array_equal(out["image"], again["image"])
+
+
+def test_rot90_on_non_square_images_is_a_clear_error():
+  example = {"image": jnp.zeros((4, 6, 1)), "label": jnp.zeros((4, 6), jnp.int32)}
+  with pytest.raises(SegjaxError, match="rot90 needs square images, got 4x6"):
+    random_rot90(jax.random.PRNGKey(0), example)
+
+
+def test_batch_size_not_divisible_by_processes_is_a_clear_error():
+  with pytest.raises(SegjaxError, match="batch_size 5 .* not divisible by the 2 processes"):
+    train_dataset(_Source(10), batch_size=5, seed=0, process_index=0, process_count=2)

@@ -126,3 +126,32 @@ def test_checkpoint_round_trip_restores_state_and_config(tmp_path):
 def test_restore_config_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(SegjaxError, match="no checkpoint in .*train first"):
     checkpoint.restore_config(str(tmp_path))
+
+
+def test_step_on_batch_sharded_over_four_devices_equals_single_device():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  assert jax.device_count() == 4  # conftest's fake CPU devices
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  batch = _batch(n=8)
+  step = make_train_step(softmax_cross_entropy)
+  single_state, single_metrics = jax.jit(step)(_state(), batch)
+  sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  sharded_step = jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data"))))
+  state, metrics = sharded_step(jax.device_put(_state(), replicated), sharded_batch)
+  assert len(sharded_batch["image"].sharding.device_set) == 4
+  np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-5)
+  # BatchNorm statistics and gradients are over the global batch, so the results agree to float32 tolerance.
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state.params, single_state.params
+  )
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state.batch_stats, single_state.batch_stats
+  )
+
+
+def test_metrics_include_finite_grad_and_param_norms():
+  _, metrics = jax.jit(make_train_step(softmax_cross_entropy))(_state(), _batch())
+  assert float(metrics["grad_norm"]) > 0 and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["param_norm"]) > 0 and np.isfinite(float(metrics["param_norm"]))

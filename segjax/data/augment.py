@@ -31,6 +31,11 @@ def random_flip(key: jax.Array, example: Example) -> Example:
 
 def random_rot90(key: jax.Array, example: Example) -> Example:
   """Rotates by a uniformly random multiple of 90 degrees (square images only)."""
+  height, width = example["image"].shape[:2]
+  if height != width:
+    raise SegjaxError(
+      f"augmentation rot90 needs square images, got {height}x{width}; remove 'rot90' from augment.ops or crop square."
+    )
   k = jax.random.randint(key, (), 0, 4)
   branches = [lambda e, k=k: _spatial(lambda a: jnp.rot90(a, k, axes=(0, 1)), e) for k in range(4)]
   return jax.lax.switch(k, branches, example)

@@ -14,6 +14,8 @@ import grain
 import jax
 import numpy as np
 
+from segjax.errors import SegjaxError
+
 Example = dict[str, np.ndarray]
 
 
@@ -43,7 +45,10 @@ def train_dataset(
     process_count: number of processes (``jax.process_count()``).
   """
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the number of processes {process_count}.")
+    raise SegjaxError(
+      f"batch_size {batch_size} (config key batch_size) is not divisible by the {process_count} processes; "
+      "make it a multiple."
+    )
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count]
   return ds.map(to_model_inputs).batch(batch_size // process_count, drop_remainder=True)

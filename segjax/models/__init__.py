@@ -12,7 +12,7 @@ Example:
 
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import flax.linen as nn
 
@@ -80,6 +80,11 @@ def get_model(name: str, **kwargs) -> nn.Module:
     raise SegjaxError(f"cannot build model {name!r} from the config: {e}. Fix the model.* keys in the config.") from e
 
 
+def create_model(config: Any, num_classes: int) -> nn.Module:
+  """The model of a config's ``model`` section: ``get_model(config.name, num_classes=..., **config.kwargs)``."""
+  return get_model(config.name, num_classes=num_classes, **config.get("kwargs", {}))
+
+
 # Imported last: these modules register themselves with the registry defined above.
 from segjax.models.resnet import (  # noqa: E402
   BasicBlock,
@@ -107,6 +112,7 @@ __all__ = [
   "ResidualBlock",
   "UNet",
   "UNetSmall",
+  "create_model",
   "get_model",
   "list_models",
   "register_model",

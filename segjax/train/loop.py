@@ -1,11 +1,13 @@
 """``train_and_evaluate``: the outer loop, where all I/O happens (data, logs, checkpoints, pictures).
 
-The loop resumes from the latest checkpoint of its workdir, runs the jitted pure ``train_step``, logs every
-``log_every_steps`` (the only host syncs), evaluates every ``eval_every_steps`` on the whole validation split with an
-accumulated confusion matrix, and checkpoints every ``checkpoint_every_steps``. At the end it evaluates the validation
-and test splits, plots curves and a sample grid, writes test-split predictions and prints a summary table.
+The loop resumes from the latest checkpoint of its workdir, runs the jitted pure ``train_step``, fetches metrics every
+``log_every_steps`` and before every checkpoint (the only host syncs), evaluates every ``eval_every_steps`` on the
+whole validation split with an accumulated confusion matrix, and checkpoints every ``checkpoint_every_steps``. At the
+end it evaluates the validation and test splits, plots curves and a sample grid, exports test images for
+``experiments.predict`` and prints a summary table.
 """
 
+import functools
 import json
 import os
 import time
@@ -18,17 +20,43 @@ import numpy as np
 from tqdm import tqdm
 
 from segjax import checkpoint, viz
-from segjax.data import Dataset, load_dataset
+from segjax.data import DATASETS, Dataset, load_dataset
 from segjax.data.augment import make_augment_fn
 from segjax.data.pipeline import eval_batches, prefetch_to_device, train_batches, train_dataset
 from segjax.errors import SegjaxError
 from segjax.logging_utils import MetricWriter
 from segjax.losses import get_loss
 from segjax.metrics import summarize_confusion
-from segjax.models import get_model
+from segjax.models import create_model, get_model
 from segjax.train.optim import create_optimizer, create_schedule
 from segjax.train.state import TrainState, count_params, create_train_state
-from segjax.train.step import make_eval_step, make_train_step
+from segjax.train.step import make_eval_step, make_train_step, predict_logits
+
+POSITIVE_KEYS = (
+  "batch_size",
+  "eval_batch_size",
+  "num_train_steps",
+  "log_every_steps",
+  "eval_every_steps",
+  "checkpoint_every_steps",
+  "max_checkpoints_to_keep",
+)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every name and interval of an experiment config before any work (data preparation included) starts."""
+  for key in POSITIVE_KEYS:
+    value = config.get(key)
+    if not isinstance(value, int) or value <= 0:
+      raise SegjaxError(f"config key {key} must be a positive integer, got {value!r}.")
+  if config.data.name not in DATASETS:
+    raise SegjaxError(
+      f"unknown dataset '{config.data.name}' (config key data.name); available: {', '.join(sorted(DATASETS))}."
+    )
+  get_model(config.model.name, num_classes=2, **config.model.get("kwargs", {}))
+  get_loss(config.loss)
+  create_optimizer(config.optimizer, config.num_train_steps)
+  make_augment_fn(config.augment)
 
 
 def check_workdir(workdir: str) -> None:
@@ -43,9 +71,14 @@ def check_workdir(workdir: str) -> None:
     raise SegjaxError(f"workdir '{workdir}' is not writable ({e.strerror}); pass a writable --workdir.") from e
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The model named by ``config.model.name`` with ``config.model.kwargs``, for ``num_classes`` outputs."""
-  return get_model(config.model.name, num_classes=num_classes, **config.model.get("kwargs", {}))
+def check_segmentation_output(state: TrainState, input_shape: tuple[int, ...], name: str) -> None:
+  """Refuses a model whose output is not per-pixel logits (B, H, W, C), e.g. a ResNet classifier."""
+  out = jax.eval_shape(predict_logits, state, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+  if out.ndim != 4 or out.shape[1:3] != input_shape[1:3]:
+    raise SegjaxError(
+      f"model '{name}' (config key model.name) outputs shape {tuple(out.shape)} for input {input_shape}, not per-pixel "
+      "logits; it is a classifier. Pick a segmentation model such as unet."
+    )
 
 
 def run_config(config: ml_collections.ConfigDict, dataset: Dataset) -> ml_collections.ConfigDict:
@@ -60,35 +93,51 @@ def run_config(config: ml_collections.ConfigDict, dataset: Dataset) -> ml_collec
   return saved
 
 
+def restore_or_explain(manager, state: TrainState, workdir: str, config: ml_collections.ConfigDict) -> TrainState:
+  """Restores the latest checkpoint; if it does not fit this config, a SegjaxError names the differing keys."""
+  try:
+    return checkpoint.restore_state(manager, state)
+  except Exception as e:  # Orbax raises assorted errors for structure or shape mismatches
+    saved, step = checkpoint.restore_config(workdir)
+    differing = checkpoint.config_differences(saved, config, sections=("model", "optimizer", "data"))
+    raise SegjaxError(
+      f"the checkpoint at step {step} in '{checkpoint.checkpoint_dir(workdir)}' does not fit this config (differing "
+      f"keys: {', '.join(differing) or 'none found'}); resume with the original config or pass a new --workdir."
+    ) from e
+
+
 def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Host-side means of per-step metric dicts (one device-to-host transfer for the whole list)."""
   history = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def evaluate(state: TrainState, eval_step, source: Any, *, batch_size: int, num_classes: int) -> dict[str, float]:
-  """Runs ``eval_step`` over a whole split and returns loss and confusion-matrix metrics for the split."""
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  loss_sum = weight_sum = 0.0
+def evaluate(state: TrainState, eval_step, source: Any, *, batch_size: int) -> dict[str, float]:
+  """Runs ``eval_step`` over a whole split, summing on device, and returns the split's loss and metrics."""
+  totals = None
   for batch in prefetch_to_device(eval_batches(source, batch_size=batch_size)):
-    out = jax.device_get(eval_step(state, batch))
-    confusion += out["confusion"]
-    loss_sum += float(out["loss_sum"])
-    weight_sum += float(out["weight_sum"])
-  return {"loss": loss_sum / max(weight_sum, 1.0), **summarize_confusion(confusion)}
+    out = eval_step(state, batch)
+    totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {
+    "loss": float(totals["loss_sum"] / max(totals["weight_sum"], 1.0)),
+    **summarize_confusion(totals["confusion"]),
+  }
+
+
+@jax.jit
+def _predict_labels(state: TrainState, images: jax.Array) -> jax.Array:
+  return jnp.argmax(predict_logits(state, images), -1)
 
 
 def predict_split(state: TrainState, source: Any, *, batch_size: int, limit: int) -> tuple[np.ndarray, ...]:
   """Images, labels and predicted label maps of the first ``limit`` examples of a split."""
-  predict = jax.jit(
-    lambda s, x: jnp.argmax(s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False), -1)
-  )
   images, labels, predictions = [], [], []
   for batch in eval_batches(source, batch_size=batch_size):
     valid = int(batch["weights"][:, 0, 0].sum())
     images.append(batch["image"][:valid])
     labels.append(batch["label"][:valid])
-    predictions.append(np.asarray(predict(state, batch["image"]))[:valid])
+    predictions.append(np.asarray(_predict_labels(state, batch["image"]))[:valid])
     if sum(len(x) for x in images) >= limit:
       break
   return tuple(np.concatenate(x)[:limit] for x in (images, labels, predictions))
@@ -101,61 +150,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   redoes the final evaluation and outputs).
 
   Args:
-    config: the experiment config (see ``experiments/configs/default.py`` for every key).
+    config: the experiment config (see ``experiments/configs/synthetic_cells.py`` for every key).
     workdir: the run directory; created if missing.
 
   Returns:
-    The final summary: ``{'validation': metrics, 'test': metrics, 'steps', 'train_seconds', ...}``.
+    The final summary: ``{'validation': metrics, 'test': metrics, 'steps', 'train_seconds_this_run', ...}``.
 
   Raises:
-    SegjaxError: for bad config values, an unknown model/dataset/loss name, or an unwritable workdir.
+    SegjaxError: for bad config values, an unknown model/dataset/loss name, an unwritable workdir, a checkpoint that
+      does not fit the config, or a non-finite loss.
   """
+  validate_config(config)
   check_workdir(workdir)
   is_main = jax.process_index() == 0
   dataset = load_dataset(config.data)
   train_source = dataset.split(config.data.train_split)
   eval_source = dataset.split(config.data.eval_split)
-  model = create_model(config, dataset.num_classes)
+  test_split = config.data.get("test_split")
+  test_source = dataset.splits.get(test_split) if test_split else None
   total_steps = config.num_train_steps
   tx = create_optimizer(config.optimizer, total_steps)
   schedule = create_schedule(config.optimizer, total_steps)
   input_shape = (1, *np.asarray(train_source[0]["image"]).shape)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape)
+  state = create_train_state(
+    jax.random.PRNGKey(config.seed), create_model(config.model, dataset.num_classes), tx, input_shape
+  )
+  check_segmentation_output(state, input_shape, config.model.name)
   if is_main:
     print(f"model {config.model.name}: {count_params(state.params):,} parameters; workdir {workdir}")
 
+  saved_config = run_config(config, dataset)
   manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
-    state = checkpoint.restore_state(manager, state)
+    state = restore_or_explain(manager, state, workdir, saved_config)
     if is_main:
       print(f"resuming from step {int(state.step)} of {checkpoint.checkpoint_dir(workdir)}")
   start_step = int(state.step)
-  saved_config = run_config(config, dataset)
 
   loss_fn = get_loss(config.loss)
   train_step = jax.jit(make_train_step(loss_fn, make_augment_fn(config.augment)), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(loss_fn, dataset.num_classes))
-  writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
-  batches = prefetch_to_device(
-    train_batches(
-      train_dataset(
-        train_source,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      ),
-      start_step=start_step,
-      num_threads=config.data.num_threads,
-    )
+  evaluate_split = functools.partial(
+    evaluate, eval_step=jax.jit(make_eval_step(loss_fn, dataset.num_classes)), batch_size=config.eval_batch_size
   )
-
-  def run_eval(step: int) -> dict[str, float]:
-    metrics = evaluate(
-      state, eval_step, eval_source, batch_size=config.eval_batch_size, num_classes=dataset.num_classes
-    )
-    writer.write(step, "validation", metrics)
-    return metrics
+  writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
+  dataset_of_steps = train_dataset(
+    train_source,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  batches = prefetch_to_device(
+    train_batches(dataset_of_steps, start_step=start_step, num_threads=config.data.num_threads)
+  )
 
   train_start = time.perf_counter()
   pending: list[dict[str, jax.Array]] = []
@@ -170,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.log_every_steps == 0 or checkpoint_now:
           logged = {**mean_metrics(pending), "learning_rate": float(schedule(step - 1))}
           pending = []
-          if not (np.isfinite(logged["loss"]) and np.isfinite(logged["grad_norm"])):
+          if not all(np.isfinite(logged[k]) for k in ("loss", "grad_norm", "param_norm")):
             raise SegjaxError(
               f"non-finite loss or gradient (loss {logged['loss']}, grad_norm {logged['grad_norm']}) at or before "
               f"step {step}; the last checkpoint is kept. Lower optimizer.learning_rate or set "
@@ -179,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step, "train", logged)
           bar.set_postfix(loss=f"{logged['loss']:.4f}")
         if step % config.eval_every_steps == 0 or step == total_steps:
-          val_metrics = run_eval(step)
+          val_metrics = evaluate_split(state, source=eval_source)
+          writer.write(step, "validation", val_metrics)
           bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
         if checkpoint_now:
           checkpoint.save(manager, state, saved_config)
@@ -187,51 +235,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     manager.wait_until_finished()
     manager.close()
-    writer.flush()
+    writer.close()
   train_seconds = time.perf_counter() - train_start
 
-  if val_metrics is None:  # resumed a finished run: evaluate the restored state again
-    val_metrics = evaluate(
-      state, eval_step, eval_source, batch_size=config.eval_batch_size, num_classes=dataset.num_classes
-    )
   summary = {
     "steps": int(state.step),
     "trained_steps_this_run": int(state.step) - start_step,
     "train_seconds_this_run": round(train_seconds, 2),
     "num_params": count_params(state.params),
-    "validation": val_metrics,
+    # None when a finished run is resumed: evaluate the restored state again
+    "validation": val_metrics or evaluate_split(state, source=eval_source),
   }
-  test_split = config.data.get("test_split")
-  if test_split and test_split in dataset.splits:
-    summary["test"] = evaluate(
-      state, eval_step, dataset.split(test_split), batch_size=config.eval_batch_size, num_classes=dataset.num_classes
-    )
-  writer.close()
+  if test_source is not None:
+    summary["test"] = evaluate_split(state, source=test_source)
   if is_main:
-    write_outputs(state, config, dataset, workdir, summary)
+    write_outputs(state, config, eval_source, test_source, workdir, summary)
     print(format_summary(summary, dataset.class_names))
   return summary
 
 
 def write_outputs(
-  state: TrainState, config: ml_collections.ConfigDict, dataset: Dataset, workdir: str, summary: dict
+  state: TrainState, config: ml_collections.ConfigDict, eval_source: Any, test_source: Any, workdir: str, summary: dict
 ) -> None:
   """Curves, the validation sample grid, ``summary.json``, and test-split images for ``experiments.predict``."""
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(metrics_path):
     viz.plot_curves(viz.read_metrics(metrics_path), os.path.join(workdir, "curves.png"))
-  images, labels, predictions = predict_split(
-    state, dataset.split(config.data.eval_split), batch_size=config.eval_batch_size, limit=config.num_sample_images
-  )
-  viz.plot_samples(images, labels, predictions, os.path.join(workdir, "samples.png"))
-  test_split = config.data.get("test_split")
-  if test_split and test_split in dataset.splits and config.num_test_images > 0:
-    export_images(dataset.split(test_split), os.path.join(workdir, "test_images"), test_split, config.num_test_images)
+  if config.num_sample_images > 0:
+    images, labels, predictions = predict_split(
+      state, eval_source, batch_size=config.eval_batch_size, limit=config.num_sample_images
+    )
+    viz.plot_samples(images, labels, predictions, os.path.join(workdir, "samples.png"))
+  if test_source is not None and config.num_test_images > 0:
+    export_images(test_source, os.path.join(workdir, "test_images"), config.data.test_split, config.num_test_images)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 
 
-def export_images(source, directory: str, prefix: str, limit: int) -> None:
+def export_images(source: Any, directory: str, prefix: str, limit: int) -> None:
   """Writes the first ``limit`` images of a split as PNG files ``<prefix>_<i>.png``."""
   from PIL import Image
 

@@ -33,6 +33,11 @@ def forward(state: TrainState, params: Any, images: jax.Array, *, train: bool, r
   return logits, updates.get("batch_stats", state.batch_stats)
 
 
+def predict_logits(state: TrainState, images: jax.Array) -> jax.Array:
+  """Eval-mode logits of the state's model (running BatchNorm statistics, no dropout)."""
+  return forward(state, state.params, images, train=False)[0]
+
+
 def make_loss_fn(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[jax.Array, Any]]]:
   """Returns ``objective(params, state, batch, rng) -> (loss, (logits, new_batch_stats))`` to differentiate."""
 
@@ -53,7 +58,8 @@ def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Cal
     augment_fn: optional on-device augmentation ``(key, batch) -> batch``.
 
   Returns:
-    ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss``, ``pixel_accuracy``, ``grad_norm``.
+    ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss``, ``pixel_accuracy``,
+    ``grad_norm`` and ``param_norm`` (the latter after the update, so a blown-up state shows as non-finite).
   """
   objective = make_loss_fn(loss_fn)
 
@@ -67,7 +73,13 @@ def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Cal
     )
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": loss, "pixel_accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    metrics = {
+      "loss": loss,
+      "pixel_accuracy": accuracy,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(new_state.params),
+    }
+    return new_state, metrics
 
   return train_step
 
@@ -81,7 +93,7 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
   """
 
   def eval_step(state: TrainState, batch: Batch):
-    logits, _ = forward(state, state.params, batch["image"], train=False)
+    logits = predict_logits(state, batch["image"])
     weights = batch.get("weights")
     if weights is None:
       weights = jnp.ones(batch["label"].shape, jnp.float32)
