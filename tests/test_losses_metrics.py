@@ -73,3 +73,25 @@ def test_accumulating_batches_equals_whole_split():
   )
   np.testing.assert_array_equal(whole, parts)
   assert whole.sum() == labels.size
+
+
+def test_downsample_nearest_matches_ceil_sizes_of_decoder_levels():
+  from segjax.losses import downsample_nearest
+
+  x = jnp.arange(37 * 50).reshape(1, 37, 50)
+  out = downsample_nearest(x, 10, 13)  # ceil(37/4), ceil(50/4)
+  np.testing.assert_array_equal(out, x[:, ::4, ::4])
+  with pytest.raises(ValueError, match="power-of-two"):
+    downsample_nearest(x, 11, 13)
+
+
+def test_deep_supervision_loss_weights_outputs_by_resolution():
+  from segjax.losses import deep_supervision_loss
+
+  labels = jnp.zeros((1, 8, 8), jnp.int32)
+  perfect = jnp.stack([jnp.full((8, 8), 20.0), jnp.zeros((8, 8))], -1)[None]
+  wrong_coarse = jnp.stack([jnp.zeros((2, 2)), jnp.full((2, 2), math.log(3.0))], -1)[None]  # CE = ln 4
+  mid = jnp.stack([jnp.full((4, 4), 20.0), jnp.zeros((4, 4))], -1)[None]
+  loss = deep_supervision_loss(softmax_cross_entropy, perfect, (wrong_coarse, mid), labels)
+  # weights 1, 1/2, 1/4 for resolutions 1, 1/2, 1/4; only the 1/4 output has loss ln 4 (others ~ 2e-9).
+  np.testing.assert_allclose(loss, 0.25 * math.log(4.0) / 1.75, rtol=1e-5)

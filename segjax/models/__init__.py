@@ -80,6 +80,11 @@ def get_model(name: str, **kwargs) -> nn.Module:
     raise SegjaxError(f"cannot build model {name!r} from the config: {e}. Fix the model.* keys in the config.") from e
 
 
+def create(name: str, **overrides) -> nn.Module:
+  """The registered model ``name`` with attribute overrides, e.g. ``create('resnet34_unet', num_classes=3)``."""
+  return get_model(name, **overrides)
+
+
 def create_model(config: Any, num_classes: int) -> nn.Module:
   """The model of a config's ``model`` section: ``get_model(config.name, num_classes=..., **config.kwargs)``."""
   return get_model(config.name, num_classes=num_classes, **config.get("kwargs", {}))
@@ -112,6 +117,7 @@ __all__ = [
   "ResidualBlock",
   "UNet",
   "UNetSmall",
+  "create",
   "create_model",
   "get_model",
   "list_models",

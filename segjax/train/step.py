@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segjax.losses import LossFn
+from segjax.losses import LossFn, deep_supervision_loss
 from segjax.metrics import confusion_matrix
 from segjax.train.state import TrainState
 
@@ -39,11 +39,21 @@ def predict_logits(state: TrainState, images: jax.Array) -> jax.Array:
 
 
 def make_loss_fn(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[jax.Array, Any]]]:
-  """Returns ``objective(params, state, batch, rng) -> (loss, (logits, new_batch_stats))`` to differentiate."""
+  """Returns ``objective(params, state, batch, rng) -> (loss, (logits, new_batch_stats))`` to differentiate.
+
+  A model that returns ``(logits, aux_logits)`` in training (deep supervision) is trained on all its outputs with
+  :func:`segjax.losses.deep_supervision_loss`; ``logits`` in the result are the full-resolution ones.
+  """
 
   def objective(params, state: TrainState, batch: Batch, rng: jax.Array):
-    logits, batch_stats = forward(state, params, batch["image"], train=True, rng=rng)
-    return loss_fn(logits, batch["label"], batch.get("weights")), (logits, batch_stats)
+    outputs, batch_stats = forward(state, params, batch["image"], train=True, rng=rng)
+    if isinstance(outputs, tuple):  # deep supervision: (logits, coarser auxiliary logits)
+      logits, aux_logits = outputs
+      loss = deep_supervision_loss(loss_fn, logits, aux_logits, batch["label"], batch.get("weights"))
+    else:
+      logits = outputs
+      loss = loss_fn(logits, batch["label"], batch.get("weights"))
+    return loss, (logits, batch_stats)
 
   return objective
 
