@@ -289,7 +289,26 @@ def test_resnet_zero_init_residual(block_cls, last_bn):
 
 
 def test_registry_lists_all_models():
-  assert models.list_models() == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "unet", "unet_small"]
+  assert models.list_models() == [
+    "resnet18",
+    "resnet18_unet",
+    "resnet20_cifar",
+    "resnet32_cifar",
+    "resnet34",
+    "resnet34_unet",
+    "resnet44_cifar",
+    "resnet50",
+    "resnet50_unet",
+    "resnet56_cifar",
+    "resnet101",
+    "resnet101_unet",
+    "resnet110_cifar",
+    "resnet152",
+    "resunet",
+    "unet",
+    "unet_small",
+    "unet_valid",
+  ]
 
 
 def test_get_model_returns_configured_modules():

@@ -155,3 +155,32 @@ def test_metrics_include_finite_grad_and_param_norms():
   _, metrics = jax.jit(make_train_step(softmax_cross_entropy))(_state(), _batch())
   assert float(metrics["grad_norm"]) > 0 and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["param_norm"]) > 0 and np.isfinite(float(metrics["param_norm"]))
+
+
+def test_valid_unet_trains_on_centre_cropped_labels():
+  from segjax.models.unet import valid_output_size
+
+  model = get_model("unet_valid", num_classes=2, depth=1, base_width=4)
+  size = 20
+  out = valid_output_size(size, depth=1)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.adam(1e-2), (1, size, size, 1))
+  batch = _batch(n=2, size=size)
+  step = jax.jit(make_train_step(softmax_cross_entropy))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+  ev = jax.jit(make_eval_step(softmax_cross_entropy, 2))(state, batch)
+  assert int(ev["confusion"].sum()) == 2 * out * out
+
+
+def test_deep_supervision_unet_trains_through_the_step():
+  model = get_model("unet", num_classes=2, depth=2, base_width=4, deep_supervision=True)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.adam(3e-2), (1, 16, 16, 1))
+  step = jax.jit(make_train_step(softmax_cross_entropy))
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, _batch())
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses

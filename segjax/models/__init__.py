@@ -94,6 +94,7 @@ def create_model(config: Any, num_classes: int) -> nn.Module:
 from segjax.models.resnet import (  # noqa: E402
   BasicBlock,
   BottleneckBlock,
+  CifarResNet,
   ResidualBlock,
   ResNet,
   ResNet18,
@@ -101,12 +102,16 @@ from segjax.models.resnet import (  # noqa: E402
   ResNet50,
   ResNet101,
   ResNet152,
+  ResNetEncoder,
+  resnet_encoder,
 )
-from segjax.models.unet import UNet, UNetSmall  # noqa: E402
+from segjax.models.resnet_unet import ResNetUNet  # noqa: E402
+from segjax.models.unet import ResUNet, UNet, UNetSmall, UNetValid  # noqa: E402
 
 __all__ = [
   "BasicBlock",
   "BottleneckBlock",
+  "CifarResNet",
   "ModelConstructor",
   "ResNet",
   "ResNet18",
@@ -114,12 +119,17 @@ __all__ = [
   "ResNet50",
   "ResNet101",
   "ResNet152",
+  "ResNetEncoder",
+  "ResNetUNet",
+  "ResUNet",
   "ResidualBlock",
   "UNet",
   "UNetSmall",
+  "UNetValid",
   "create",
   "create_model",
   "get_model",
   "list_models",
   "register_model",
+  "resnet_encoder",
 ]

@@ -5,6 +5,7 @@ float32 (Flax's default ``param_dtype``). BatchNorm settings are written once he
 and the ResNet use the same momentum, epsilon and cross-device axis.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,10 +171,51 @@ class ConvNormAct(nn.Module):
 
 
 class DoubleConv(nn.Module):
-  """Two 3x3 same-padded conv -> norm -> ReLU layers: one U-Net level (Ronneberger et al. 2015, Sec. 2).
+  """Two 3x3 conv -> norm -> ReLU layers: one U-Net level (Ronneberger et al. 2015, Sec. 2).
 
   Attributes:
     features: output channels of both convs.
+    padding: ``'SAME'`` (output size = input size) or ``'VALID'`` (the paper's unpadded convs: each side loses 4
+      pixels over the two convs).
+    norm: one of :data:`NORMS`.
+    dtype: computation dtype.
+    bn_axis_name: cross-device axis for batch norm.
+    group_norm_groups: number of groups for group norm.
+  """
+
+  features: int
+  padding: str = "SAME"
+  norm: str = "batch"
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  group_norm_groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(2):
+      x = ConvNormAct(
+        self.features,
+        padding=self.padding,
+        norm=self.norm,
+        dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name,
+        group_norm_groups=self.group_norm_groups,
+        name=f"conv_{i}",
+      )(x, train=train)
+    return x
+
+
+class ResidualDoubleConv(nn.Module):
+  """A :class:`DoubleConv` with a residual shortcut (He et al. 2016, "Deep Residual Learning", Sec. 3.2-3.3, Fig. 2).
+
+  The original post-activation "basic block": ``relu(norm(conv(relu(norm(conv(x))))) + shortcut(x))`` with 3x3 convs,
+  where the shortcut is the identity when ``x`` already has ``features`` channels and otherwise a 1x1 projection
+  conv -> norm (option B of Sec. 3.3). Post-activation is used so that the block can take raw images like the plain
+  double conv (a pre-activation block would normalise and rectify the input image itself). All convs are
+  same-padded with stride 1; they have a bias only when ``norm='none'``.
+
+  Attributes:
+    features: output channels.
     norm: one of :data:`NORMS`.
     dtype: computation dtype.
     bn_axis_name: cross-device axis for batch norm.
@@ -188,13 +230,17 @@ class DoubleConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    for i in range(2):
-      x = ConvNormAct(
-        self.features,
-        norm=self.norm,
-        dtype=self.dtype,
-        bn_axis_name=self.bn_axis_name,
-        group_norm_groups=self.group_norm_groups,
-        name=f"conv_{i}",
-      )(x, train=train)
-    return x
+    conv = functools.partial(
+      ConvNormAct,
+      self.features,
+      norm=self.norm,
+      dtype=self.dtype,
+      bn_axis_name=self.bn_axis_name,
+      group_norm_groups=self.group_norm_groups,
+    )
+    shortcut = x
+    if x.shape[-1] != self.features:
+      shortcut = conv(kernel_size=(1, 1), activation=False, name="shortcut")(x, train=train)
+    y = conv(name="conv_0")(x, train=train)
+    y = conv(activation=False, name="conv_1")(y, train=train)
+    return nn.relu(y + shortcut)

@@ -74,7 +74,7 @@ def check_workdir(workdir: str) -> None:
 def check_segmentation_output(state: TrainState, input_shape: tuple[int, ...], name: str) -> None:
   """Refuses a model whose output is not per-pixel logits (B, H, W, C), e.g. a ResNet classifier."""
   out = jax.eval_shape(predict_logits, state, jax.ShapeDtypeStruct(input_shape, jnp.float32))
-  if out.ndim != 4 or out.shape[1:3] != input_shape[1:3]:
+  if out.ndim != 4:
     raise SegjaxError(
       f"model '{name}' (config key model.name) outputs shape {tuple(out.shape)} for input {input_shape}, not per-pixel "
       "logits; it is a classifier. Pick a segmentation model such as unet."

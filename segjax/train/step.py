@@ -38,6 +38,20 @@ def predict_logits(state: TrainState, images: jax.Array) -> jax.Array:
   return forward(state, state.params, images, train=False)[0]
 
 
+def crop_targets(batch: Batch, logits: jax.Array) -> Batch:
+  """Centre-crops ``label`` and ``weights`` to the logits' size (the unpadded U-Net's output is smaller)."""
+  height, width = logits.shape[1:3]
+  if batch["label"].shape[1:3] == (height, width):
+    return batch
+  top = (batch["label"].shape[1] - height) // 2
+  left = (batch["label"].shape[2] - width) // 2
+  out = dict(batch)
+  for key in ("label", "weights"):
+    if key in out:
+      out[key] = out[key][:, top : top + height, left : left + width]
+  return out
+
+
 def make_loss_fn(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[jax.Array, Any]]]:
   """Returns ``objective(params, state, batch, rng) -> (loss, (logits, new_batch_stats))`` to differentiate.
 
@@ -52,6 +66,7 @@ def make_loss_fn(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[jax.Ar
       loss = deep_supervision_loss(loss_fn, logits, aux_logits, batch["label"], batch.get("weights"))
     else:
       logits = outputs
+      batch = crop_targets(batch, logits)
       loss = loss_fn(logits, batch["label"], batch.get("weights"))
     return loss, (logits, batch_stats)
 
@@ -82,7 +97,7 @@ def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Cal
       state.params, state, batch, dropout_rng
     )
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == crop_targets(batch, logits)["label"])
     metrics = {
       "loss": loss,
       "pixel_accuracy": accuracy,
@@ -104,6 +119,7 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
 
   def eval_step(state: TrainState, batch: Batch):
     logits = predict_logits(state, batch["image"])
+    batch = crop_targets(batch, logits)
     weights = batch.get("weights")
     if weights is None:
       weights = jnp.ones(batch["label"].shape, jnp.float32)
