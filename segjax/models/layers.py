@@ -244,3 +244,9 @@ class ResidualDoubleConv(nn.Module):
     y = conv(name="conv_0")(x, train=train)
     y = conv(activation=False, name="conv_1")(y, train=train)
     return nn.relu(y + shortcut)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  """Raises SegjaxError naming config key ``model.<name>`` if ``value`` is not one of ``choices``."""
+  if value not in choices:
+    raise SegjaxError(f"unknown {name} {value!r} (config key model.{name}); choose one of: {', '.join(choices)}.")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
-from segjax.models.layers import DoubleConv, check_norm, he_normal
+from segjax.models.layers import DoubleConv, check_choice, check_norm, he_normal
 from segjax.models.resnet import resnet_encoder
 
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -90,15 +90,8 @@ class ResNetUNet(nn.Module):
         "(config key model.kwargs.decoder_widths)."
       )
     check_norm(self.norm, channels=min(self.decoder_widths), group_norm_groups=self.group_norm_groups)
-    if self.upsample not in UPSAMPLES:
-      raise SegjaxError(
-        f"unknown upsample {self.upsample!r} (config key model.upsample); choose one of: {', '.join(UPSAMPLES)}."
-      )
-    if self.resize_method not in RESIZE_METHODS:
-      raise SegjaxError(
-        f"unknown resize_method {self.resize_method!r} (config key model.resize_method); choose one of: "
-        f"{', '.join(RESIZE_METHODS)}."
-      )
+    check_choice("upsample", self.upsample, UPSAMPLES)
+    check_choice("resize_method", self.resize_method, RESIZE_METHODS)
     if self.head_kernel not in (1, 3):
       raise SegjaxError(f"head_kernel must be 1 or 3, got {self.head_kernel} (config key model.kwargs.head_kernel).")
     super().__post_init__()

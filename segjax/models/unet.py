@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
-from segjax.models.layers import DoubleConv, ResidualDoubleConv, check_norm, he_normal
+from segjax.models.layers import DoubleConv, ResidualDoubleConv, check_choice, check_norm, he_normal
 
 UPSAMPLES = ("transpose", "resize")
 RESIZE_METHODS = ("nearest", "bilinear")
@@ -331,17 +331,9 @@ class UNet(nn.Module):
 
   def __post_init__(self) -> None:
     _check_unet_settings(self.depth, self.base_width, self.norm, self.group_norm_groups, self.dropout_rate)
-    if self.block not in BLOCKS:
-      raise SegjaxError(f"unknown block {self.block!r} (config key model.block); choose one of: {', '.join(BLOCKS)}.")
-    if self.upsample not in UPSAMPLES:
-      raise SegjaxError(
-        f"unknown upsample {self.upsample!r} (config key model.upsample); choose one of: {', '.join(UPSAMPLES)}."
-      )
-    if self.resize_method not in RESIZE_METHODS:
-      raise SegjaxError(
-        f"unknown resize_method {self.resize_method!r} (config key model.resize_method); choose one of: "
-        f"{', '.join(RESIZE_METHODS)}."
-      )
+    check_choice("block", self.block, BLOCKS)
+    check_choice("upsample", self.upsample, UPSAMPLES)
+    check_choice("resize_method", self.resize_method, RESIZE_METHODS)
     super().__post_init__()
 
   def _block(self, features: int, name: str) -> nn.Module:
