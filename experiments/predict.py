@@ -11,7 +11,8 @@ from absl import flags, logging
 
 from experiments import cli
 from segjax import viz
-from segjax.inference import check_images, list_images, load_predictor, read_image
+from segjax.data.io import check_images, list_images, read_image
+from segjax.inference import load_predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
 _INPUT = flags.DEFINE_string("input", None, "An image file or a folder of images.")

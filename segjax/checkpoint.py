@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state and the config that made it.
 
-A checkpoint directory ``<workdir>/checkpoints/<step>/`` holds two items: ``state`` (step, params, batch_stats,
-opt_state, rng as a plain state dict) and ``config`` (the experiment config as JSON), so a checkpoint alone is
-enough to rebuild the model for prediction. Saving is asynchronous; ``close`` (or ``wait_until_finished``) waits.
+A checkpoint directory ``<workdir>/checkpoints/<step>/`` holds three items: ``state`` (step, params, batch_stats,
+opt_state, rng as a plain state dict), ``config`` (the experiment config as JSON), so a checkpoint alone is enough
+to rebuild the model for prediction, and ``data_state`` (JSON: where the input pipeline resumes, see
+:func:`segjax.data.pipeline.train_dataset`). Saving is asynchronous; ``close`` (or ``wait_until_finished``) waits.
 """
 
 import os
@@ -29,19 +30,31 @@ def create_manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = Fals
   options = ocp.CheckpointManagerOptions(
     max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=not read_only
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config"))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config", "data_state"))
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict) -> None:
-  """Starts saving ``state`` (at its own step) and ``config``; returns before the write completes."""
+def save(
+  manager: ocp.CheckpointManager,
+  state: TrainState,
+  config: ml_collections.ConfigDict,
+  data_state: dict[str, Any] | None = None,
+) -> None:
+  """Starts saving ``state`` (at its own step), ``config`` and ``data_state``; returns before the write completes."""
   step = int(state.step)
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-      config=ocp.args.JsonSave(config.to_dict()),
-    ),
-  )
+  items = {
+    "state": ocp.args.StandardSave(serialization.to_state_dict(state)),
+    "config": ocp.args.JsonSave(config.to_dict()),
+  }
+  if data_state is not None:
+    items["data_state"] = ocp.args.JsonSave(data_state)
+  manager.save(step, args=ocp.args.Composite(**items))
+
+
+def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The input pipeline's state saved at ``step``, or None for a checkpoint saved without one."""
+  if not os.path.isdir(os.path.join(str(manager.directory), str(step), "data_state")):
+    return None
+  return dict(manager.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))["data_state"])
 
 
 def restore_state(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:

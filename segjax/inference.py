@@ -5,25 +5,18 @@ Images go through the same ``normalize_image`` as training. Models take any heig
 internally), so whole images are predicted in one jitted call per distinct shape.
 """
 
-import contextlib
 import dataclasses
-import os
-from collections.abc import Iterator
 
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from segjax import checkpoint
 from segjax.data.pipeline import normalize_image
-from segjax.errors import SegjaxError
 from segjax.models import create_model
 from segjax.train.optim import create_optimizer
 from segjax.train.state import TrainState, create_train_state
 from segjax.train.step import predict_logits
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 _logits = jax.jit(predict_logits)
 
@@ -63,51 +56,3 @@ def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   state = checkpoint.restore_state(manager, template, step)
   manager.close()
   return Predictor(config=config, state=state, step=step)
-
-
-def list_images(path: str) -> list[str]:
-  """The image file ``path`` itself, or the image files in folder ``path`` (sorted); SegjaxError if there are none."""
-  if os.path.isfile(path):
-    return [path]
-  if not os.path.isdir(path):
-    raise SegjaxError(f"input '{path}' does not exist; pass an image file or a folder of images with --input.")
-  files = sorted(
-    os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-  )
-  if not files:
-    raise SegjaxError(
-      f"input folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); point --input at a folder with images."
-    )
-  return files
-
-
-@contextlib.contextmanager
-def open_image(path: str) -> Iterator[Image.Image]:
-  """``PIL.Image.open`` whose failures become a SegjaxError naming the file."""
-  try:
-    with Image.open(path) as img:
-      yield img
-  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-    raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG.") from e
-
-
-def check_images(paths: list[str]) -> None:
-  """Opens each file's header, so a non-image fails before any output is written; SegjaxError names the file."""
-  for path in paths:
-    with open_image(path):
-      pass
-
-
-def read_image(path: str, num_channels: int) -> np.ndarray:
-  """Reads an image file as (H, W, num_channels) uint8 (uint16 kept for 16-bit grayscale).
-
-  Raises:
-    SegjaxError: if the file is not a readable image.
-  """
-  with open_image(path) as img:
-    img.load()
-    if num_channels == 1 and img.mode in ("I;16", "I;16B", "I"):
-      array = np.asarray(img).astype(np.uint16)
-    else:
-      array = np.asarray(img.convert("L" if num_channels == 1 else "RGB"))
-  return array[..., None] if array.ndim == 2 else array

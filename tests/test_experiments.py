@@ -90,7 +90,8 @@ def test_predict_writes_masks_equal_to_in_process_prediction(trained, tmp_path):
     "test_0001_overlay.png",
   ]
 
-  from segjax.inference import load_predictor, read_image
+  from segjax.data.io import read_image
+  from segjax.inference import load_predictor
 
   predictor = load_predictor(workdir)
   assert predictor.step == 6
@@ -170,7 +171,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, tfd
 
 def test_multiclass_rgb_variant_trains_and_predicts_four_classes(tmp_path, tfds_dir):
   from experiments.configs import tiny
-  from segjax.inference import load_predictor, read_image
+  from segjax.data.io import read_image
+  from segjax.inference import load_predictor
   from segjax.train.loop import train_and_evaluate
 
   config = tiny.get_config("tiny_rgb")

@@ -83,7 +83,7 @@ def test_data_source_shapes_and_dtypes(prepared):
   size = config.image_size
   for split in SPLITS:
     example = prepared.as_data_source(split)[0]
-    assert set(example) == {"image", "mask", "instances"}
+    assert set(example) == {"image", "mask", "instances", "border_weights"}
     assert all(isinstance(value, np.ndarray) for value in example.values())
     assert example["image"].shape == (size, size, config.num_channels)
     assert example["image"].dtype == np.uint8
@@ -91,6 +91,8 @@ def test_data_source_shapes_and_dtypes(prepared):
     assert example["mask"].dtype == np.uint8
     assert example["instances"].shape == (size, size, 1)
     assert example["instances"].dtype == np.uint16
+    assert example["border_weights"].shape == (size, size)
+    assert example["border_weights"].dtype == np.float32
 
 
 def test_data_source_matches_render_example(prepared):

@@ -1,13 +1,18 @@
 """The input pipeline: grain over random-access (TFDS array_record) data sources.
 
 Training batches are addressed by step: the global batch of step ``s`` holds elements ``[s*B, (s+1)*B)`` of one
-infinite, seeded shuffle of the split (reshuffled each epoch). It is therefore a pure function of (seed, s), the
-number of reader threads does not change it, and resuming at step ``s`` needs no iterator state but ``s`` itself.
-With several processes, process ``p`` of ``P`` reads every P-th element of that stream, so the union of the
+infinite, seeded shuffle of the split (reshuffled each epoch), each cropped at random to the training tile with a
+generator seeded by (seed, element index). The batch is therefore a pure function of (seed, s): the number of reader
+threads does not change it, and resuming at step ``s`` needs no iterator state but ``s`` itself (which the checkpoint
+stores). With several processes, process ``p`` of ``P`` reads every P-th element of that stream, so the union of the
 per-process batches of step ``s`` is exactly the single-process global batch of step ``s``.
+
+Evaluation reads a split in order, pads each image to a size the model takes (mirroring the image at its borders;
+padded pixels get weight 0) and groups images of the same padded size into fixed-size batches.
 """
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
@@ -15,6 +20,7 @@ import jax
 import numpy as np
 
 from segjax.errors import SegjaxError
+from segjax.models.geometry import Geometry
 
 Example = dict[str, np.ndarray]
 
@@ -25,22 +31,109 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / scale
 
 
-def to_model_inputs(features: Mapping[str, Any]) -> Example:
-  """Decoded dataset features -> the model's inputs: ``image`` float32 (H, W, C), ``label`` int32 (H, W)."""
-  out = {"image": normalize_image(np.asarray(features["image"])), "label": np.asarray(features["mask"])[..., 0]}
-  out["label"] = out["label"].astype(np.int32)
-  return out
+@dataclasses.dataclass(frozen=True)
+class WeightMap:
+  """The U-Net loss weight map w(x) = w_c(label(x)) + w0 * border(x) (Ronneberger et al. 2015, Eq. 2).
+
+  Attributes:
+    class_weights: w_c, one weight per class.
+    w0: the factor of the border term (stored with the data as ``border_weights``, without w0).
+  """
+
+  class_weights: tuple[float, ...]
+  w0: float = 10.0
+
+
+def to_model_inputs(features: Mapping[str, Any], num_classes: int, weight_map: WeightMap | None = None) -> Example:
+  """Decoded dataset features -> the model's inputs.
+
+  Returns:
+    ``image`` float32 (H, W, C) in [0, 1], ``label`` int32 (H, W) and ``weights`` float32 (H, W): 0 where the mask
+    holds no class (``features.IGNORE_LABEL`` or any value >= ``num_classes``; the label is set to 0 there), else 1,
+    or the weight map's value when one is given.
+  """
+  label = np.asarray(features["mask"])[..., 0].astype(np.int32)
+  valid = label < num_classes
+  label = np.where(valid, label, 0)
+  weights = valid.astype(np.float32)
+  if weight_map is not None:
+    class_weights = np.asarray(weight_map.class_weights, np.float32)
+    border = np.asarray(features["border_weights"], np.float32)
+    weights *= class_weights[label] + np.float32(weight_map.w0) * border
+  return {"image": normalize_image(np.asarray(features["image"])), "label": label, "weights": weights}
+
+
+def split_class_counts(source: Any, num_classes: int) -> np.ndarray:
+  """Pixels per class over a whole split (pixels without a class are not counted)."""
+  from segjax.weight_maps import class_pixel_counts as count_pixels
+
+  counts = np.zeros(num_classes, np.int64)
+  for i in range(len(source)):
+    mask = np.asarray(source[i]["mask"])[..., 0]
+    counts += count_pixels(
+      np.where(mask < num_classes, mask, num_classes).astype(np.int64), num_classes, ignore_label=num_classes
+    )
+  return counts
+
+
+def _pad(array: np.ndarray, before: tuple[int, int], after: tuple[int, int], mode: str) -> np.ndarray:
+  widths = [(before[0], after[0]), (before[1], after[1])] + [(0, 0)] * (array.ndim - 2)
+  if not any(before + after):
+    return array
+  return np.pad(array, widths, mode=mode) if mode == "reflect" else np.pad(array, widths)
+
+
+def random_crop(example: Example, rng: np.random.Generator, *, size: int, margin: int = 0) -> Example:
+  """A random ``size`` x ``size`` training tile of an image of any size.
+
+  The tile's central ``size - 2*margin`` output window lies inside the image where the image is large enough (with
+  a margin, as for the unpadded U-Net, the context around it is mirrored where it leaves the image, as in the U-Net
+  paper's overlap-tile strategy, Fig. 2). Images smaller than the output window are mirrored up to it, with weight 0
+  on the added pixels.
+  """
+  out = size - 2 * margin
+  height, width = example["label"].shape
+  grow = (max(out - height, 0), max(out - width, 0))
+  example = {
+    "image": _pad(example["image"], (0, 0), grow, "reflect"),
+    "label": _pad(example["label"], (0, 0), grow, "constant"),
+    "weights": _pad(example["weights"], (0, 0), grow, "constant"),
+  }
+  height, width = example["label"].shape
+  top = int(rng.integers(0, height - out + 1))
+  left = int(rng.integers(0, width - out + 1))
+  # Crop out the output window plus the margin, mirroring only where the margin leaves the image.
+  pad_before = (max(margin - top, 0), max(margin - left, 0))
+  pad_after = (max(top + out + margin - height, 0), max(left + out + margin - width, 0))
+  tile = {}
+  for key, mode in (("image", "reflect"), ("label", "constant"), ("weights", "constant")):
+    window = example[key][
+      max(top - margin, 0) : min(top + out + margin, height), max(left - margin, 0) : min(left + out + margin, width)
+    ]
+    tile[key] = _pad(window, pad_before, pad_after, mode)
+  return tile
 
 
 def train_dataset(
-  source: Any, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+  source: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  prepare: Callable[[Mapping[str, Any]], Example],
+  crop_size: int | None = None,
+  margin: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> grain.MapDataset:
   """An infinite dataset whose element ``s`` is this process's part of the global training batch of step ``s``.
 
   Args:
     source: a random-access source of feature dicts (``len`` and ``__getitem__``).
     batch_size: the GLOBAL batch size; must be divisible by ``process_count``.
-    seed: the shuffle seed.
+    seed: the shuffle and crop seed.
+    prepare: features -> model inputs (e.g. ``functools.partial(to_model_inputs, num_classes=...)``).
+    crop_size: side of the random training tiles (the model's input); None keeps whole images (all the same size).
+    margin: context lost at each border by the model (unpadded U-Net), see :func:`random_crop`.
     process_index: this process (``jax.process_index()``).
     process_count: number of processes (``jax.process_count()``).
   """
@@ -49,9 +142,12 @@ def train_dataset(
       f"batch_size {batch_size} (config key batch_size) is not divisible by the {process_count} processes; "
       "make it a multiple."
     )
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(prepare)
+  if crop_size is not None:
+    # Seeded by (seed, global element index): the same tile whatever the number of processes or threads.
+    ds = ds.random_map(lambda example, rng: random_crop(example, rng, size=crop_size, margin=margin), seed=seed)
   ds = ds[process_index::process_count]
-  return ds.map(to_model_inputs).batch(batch_size // process_count, drop_remainder=True)
+  return ds.batch(batch_size // process_count, drop_remainder=True)
 
 
 def train_batches(dataset: grain.MapDataset, *, start_step: int = 0, num_threads: int = 2) -> Iterator[Example]:
@@ -60,24 +156,69 @@ def train_batches(dataset: grain.MapDataset, *, start_step: int = 0, num_threads
   return iter(dataset[start_step:].to_iter_dataset(read_options))
 
 
-def eval_batches(source: Any, *, batch_size: int) -> Iterator[Example]:
-  """The whole split in order, in fixed-size batches; the last one is padded and carries ``weights`` of 0 there.
+def pad_for_model(example: Example, geometry: Geometry) -> tuple[Example, tuple[int, int]]:
+  """Pads a whole image so that the model's output covers it; returns the padded example and the original size.
 
-  Every batch has the same shape, so the eval step compiles once; pixels with weight 0 count in no metric.
+  The image is mirrored at its borders (``margin`` pixels before, the rest after); label and weights are padded with
+  0, so padded pixels count in no loss or metric. The label and weights keep the input's size: the train and eval
+  steps centre-crop them to the output (:func:`segjax.train.step.crop_targets`), which puts the output's pixel (0, 0)
+  on the image's pixel (0, 0).
   """
-  n = len(source)
-  for start in range(0, n, batch_size):
-    examples = [to_model_inputs(source[i]) for i in range(start, min(start + batch_size, n))]
-    valid = len(examples)
-    examples += [examples[-1]] * (batch_size - valid)
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    weights = np.zeros(batch["label"].shape, np.float32)
-    weights[:valid] = 1.0
-    batch["weights"] = weights
-    yield batch
+  height, width = example["label"].shape
+  m = geometry.margin
+  in_h, in_w = geometry.input_size_for_output(height), geometry.input_size_for_output(width)
+  after = (in_h - height - m, in_w - width - m)
+  padded = {
+    "image": _pad(example["image"], (m, m), after, "reflect"),
+    "label": _pad(example["label"], (m, m), after, "constant"),
+    "weights": _pad(example["weights"], (m, m), after, "constant"),
+  }
+  return padded, (height, width)
 
 
-def prefetch_to_device(batches: Iterator[Example], size: int = 2, sharding: Any = None) -> Iterator[Any]:
+def eval_batches(
+  source: Any,
+  *,
+  batch_size: int,
+  prepare: Callable[[Mapping[str, Any]], Example],
+  geometry: Geometry | None = None,
+  keep: tuple[str, ...] = (),
+) -> Iterator[tuple[Example, list[dict[str, Any]]]]:
+  """The whole split, each image padded for the model, in fixed-size batches of equal-size images.
+
+  Images are grouped by padded size (at most ``batch_size`` images of each size are held at once); a group's last
+  batch is filled with copies of weight 0. Every batch of a size has the same shape, so the eval step compiles once
+  per distinct padded size.
+
+  Yields:
+    ``(batch, info)``: the batch (``image``, ``label``, ``weights``) and, for each real example in it, a dict with its
+    ``index`` in the split, original ``size`` (height, width) and the source features named in ``keep`` (e.g.
+    ``instances``), for metrics computed on the host.
+  """
+  geometry = geometry or Geometry()
+  groups: dict[tuple[int, ...], list[tuple[Example, dict[str, Any]]]] = {}
+
+  def flush(items: list[tuple[Example, dict[str, Any]]]) -> tuple[Example, list[dict[str, Any]]]:
+    examples = [e for e, _ in items]
+    filler = {**examples[-1], "weights": np.zeros_like(examples[-1]["weights"])}
+    examples += [filler] * (batch_size - len(examples))
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}, [info for _, info in items]
+
+  for index in range(len(source)):
+    features = source[index]
+    example, size = pad_for_model(prepare(features), geometry)
+    info = {"index": index, "size": size, **{k: np.asarray(features[k]) for k in keep}}
+    group = groups.setdefault(example["image"].shape, [])
+    group.append((example, info))
+    if len(group) == batch_size:
+      yield flush(group)
+      group.clear()
+  for group in groups.values():
+    if group:
+      yield flush(group)
+
+
+def prefetch_to_device(batches: Iterator[Any], size: int = 2, sharding: Any = None) -> Iterator[Any]:
   """Keeps ``size`` batches in flight to the device(s) so host-to-device copies overlap with compute."""
   queue = []
   for batch in batches:

@@ -37,6 +37,10 @@ from etils import epath
 from scipy import ndimage
 
 from segjax.errors import SegjaxError
+from segjax.weight_maps import border_weights
+
+BORDER_SIGMA = 5.0
+"""Sigma (pixels) of the stored U-Net border weight term (Ronneberger et al. 2015, Eq. 2, without w0)."""
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 """Split name -> the integer mixed into the example seed ``[seed, split_id, index]``."""
@@ -338,6 +342,7 @@ def render_example(
     "image": image,
     "mask": mask.astype(np.uint8)[..., None],
     "instances": instances.astype(np.uint16)[..., None],
+    "border_weights": border_weights(instances, w0=1.0, sigma=BORDER_SIGMA),
   }
 
 
@@ -349,8 +354,8 @@ class SyntheticCells(tfds.core.GeneratorBasedBuilder):
   ``as_data_source(split)``.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "U-Net border weight term (`border_weights`)."}
   BUILDER_CONFIGS = [
     SyntheticCellsConfig(name="gray", description="Grayscale cells, 128x128, background / cell."),
     SyntheticCellsConfig(
@@ -404,6 +409,9 @@ class SyntheticCells(tfds.core.GeneratorBasedBuilder):
           # the instance map is a zlib-compressed tensor (lossless, decoded with numpy alone).
           "instances": tfds.features.Tensor(
             shape=(size, size, 1), dtype=np.uint16, encoding=tfds.features.Encoding.ZLIB
+          ),
+          "border_weights": tfds.features.Tensor(
+            shape=(size, size), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB
           ),
         }
       ),

@@ -22,12 +22,22 @@ from tqdm import tqdm
 from segjax import checkpoint, viz
 from segjax.data import DATASETS, Dataset, load_dataset
 from segjax.data.augment import make_augment_fn
-from segjax.data.pipeline import eval_batches, prefetch_to_device, train_batches, train_dataset
+from segjax.data.pipeline import (
+  WeightMap,
+  eval_batches,
+  prefetch_to_device,
+  split_class_counts,
+  to_model_inputs,
+  train_batches,
+  train_dataset,
+)
 from segjax.errors import SegjaxError
 from segjax.logging_utils import MetricWriter
 from segjax.losses import get_loss
 from segjax.metrics import summarize_confusion
 from segjax.models import create_model, get_model
+from segjax.models.geometry import Geometry, model_geometry
+from segjax.train.evaluators import get_evaluators, run_evaluators
 from segjax.train.optim import create_optimizer, create_schedule
 from segjax.train.state import TrainState, count_params, create_train_state
 from segjax.train.step import make_eval_step, make_train_step, predict_logits
@@ -57,6 +67,62 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   get_loss(config.loss)
   create_optimizer(config.optimizer, config.num_train_steps)
   make_augment_fn(config.augment)
+  get_evaluators(config.get("evaluators", ()))
+  crop_size = config.data.get("crop_size")
+  if crop_size is not None and (not isinstance(crop_size, int) or crop_size <= 0):
+    raise SegjaxError(f"config key data.crop_size must be a positive integer or None, got {crop_size!r}.")
+
+
+def training_geometry(config: ml_collections.ConfigDict, model, dataset: Dataset, first_image_shape) -> tuple:
+  """The model's geometry and the training tile size (None: whole images), checked against the model and data.
+
+  Raises:
+    SegjaxError: if images differ in size and no ``data.crop_size`` is set, or the tile does not fit the model.
+  """
+  geometry = model_geometry(model, multiple=config.data.get("eval_size_multiple", 1))
+  crop_size = config.data.get("crop_size")
+  if crop_size is None:
+    if not dataset.same_size:
+      raise SegjaxError(
+        f"dataset '{dataset.name}' has images of different sizes; set data.crop_size to the training tile size."
+      )
+    height, width = first_image_shape[:2]
+    if geometry.fit(height) != height or geometry.fit(width) != width:
+      raise SegjaxError(
+        f"model '{config.model.name}' cannot take the {height}x{width} training images whole; set data.crop_size "
+        f"(e.g. {geometry.fit(max(height, width))})."
+      )
+    return geometry, None
+  if geometry.fit(crop_size) != crop_size or geometry.output_size(crop_size) <= 0:
+    raise SegjaxError(
+      f"data.crop_size {crop_size} does not fit model '{config.model.name}'; the nearest size it takes is "
+      f"{geometry.fit(crop_size)}."
+    )
+  return geometry, crop_size
+
+
+def weight_map_of(config: ml_collections.ConfigDict, dataset: Dataset, train_source: Any) -> WeightMap | None:
+  """The U-Net weight map set up by ``data.weight_map`` (None when disabled); 'balanced' counts training pixels."""
+  spec = config.data.get("weight_map")
+  if not spec or not spec.get("enabled", False):
+    return None
+  if not dataset.has_instances:
+    raise SegjaxError(
+      f"data.weight_map needs instance maps, which dataset '{dataset.name}' does not have; disable data.weight_map."
+    )
+  class_weights = spec.get("class_weights", "balanced")
+  if class_weights == "balanced":
+    from segjax.weight_maps import class_balance_from_counts
+
+    class_weights = class_balance_from_counts(split_class_counts(train_source, dataset.num_classes))
+  elif class_weights is None:
+    class_weights = np.ones(dataset.num_classes)
+  if len(class_weights) != dataset.num_classes:
+    raise SegjaxError(
+      f"data.weight_map.class_weights has {len(class_weights)} values for {dataset.num_classes} classes; give one "
+      "per class or 'balanced'."
+    )
+  return WeightMap(tuple(float(w) for w in class_weights), float(spec.get("w0", 10.0)))
 
 
 def check_workdir(workdir: str) -> None:
@@ -81,7 +147,9 @@ def check_segmentation_output(state: TrainState, input_shape: tuple[int, ...], n
     )
 
 
-def run_config(config: ml_collections.ConfigDict, dataset: Dataset) -> ml_collections.ConfigDict:
+def run_config(
+  config: ml_collections.ConfigDict, dataset: Dataset, weight_map: WeightMap | None = None
+) -> ml_collections.ConfigDict:
   """The config saved with each checkpoint: the experiment config plus the dataset facts needed to predict."""
   saved = ml_collections.ConfigDict(config.to_dict())
   saved.dataset_info = {
@@ -89,6 +157,7 @@ def run_config(config: ml_collections.ConfigDict, dataset: Dataset) -> ml_collec
     "num_classes": dataset.num_classes,
     "num_channels": dataset.num_channels,
     "class_names": list(dataset.class_names),
+    "class_weights": list(weight_map.class_weights) if weight_map else None,
   }
   return saved
 
@@ -106,41 +175,79 @@ def restore_or_explain(manager, state: TrainState, workdir: str, config: ml_coll
     ) from e
 
 
+def data_state(config: ml_collections.ConfigDict, step: int, num_examples: int) -> dict[str, Any]:
+  """What the input pipeline needs to resume: the batch of step s is a pure function of (seed, s) over the split."""
+  return {"next_step": step, "seed": config.seed, "batch_size": config.batch_size, "num_examples": num_examples}
+
+
+def check_data_state(saved: dict[str, Any] | None, config: ml_collections.ConfigDict, num_examples: int) -> None:
+  """Refuses to resume when the training split changed size (the batches would differ from an uninterrupted run)."""
+  if saved is not None and saved.get("num_examples") != num_examples:
+    raise SegjaxError(
+      f"the training split had {saved.get('num_examples')} examples when the checkpoint was written and has "
+      f"{num_examples} now; resume with the original data or pass a new --workdir."
+    )
+
+
 def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Host-side means of per-step metric dicts (one device-to-host transfer for the whole list)."""
   history = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def evaluate(state: TrainState, eval_step, source: Any, *, batch_size: int) -> dict[str, float]:
-  """Runs ``eval_step`` over a whole split, summing on device, and returns the split's loss and metrics."""
-  totals = None
-  for batch in prefetch_to_device(eval_batches(source, batch_size=batch_size)):
-    out = eval_step(state, batch)
+def evaluate(
+  state: TrainState,
+  eval_step,
+  source: Any,
+  *,
+  batch_size: int,
+  num_classes: int,
+  geometry: Geometry,
+  evaluators: tuple[str, ...] = (),
+) -> dict[str, float]:
+  """Runs ``eval_step`` over a whole split and returns the split's loss and metrics.
+
+  Confusion counts and losses are summed on device; the per-image ``evaluators`` (e.g. the ISBI Rand error) run on
+  the host on each predicted label map, cropped to its image, and are averaged over the images.
+  """
+  evaluator_fns = get_evaluators(evaluators)
+  keep = ("mask", "instances") if evaluator_fns else ()
+  prepare = functools.partial(to_model_inputs, num_classes=num_classes)
+  totals, per_image = None, []
+  for batch, infos in eval_batches(source, batch_size=batch_size, prepare=prepare, geometry=geometry, keep=keep):
+    out = eval_step(state, jax.device_put(batch))
+    predictions = out.pop("predictions")
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    if evaluator_fns:
+      predictions = np.asarray(predictions)
+      for prediction, info in zip(predictions, infos, strict=False):
+        height, width = info["size"]
+        per_image.append(run_evaluators(evaluator_fns, prediction[:height, :width], info))
   totals = jax.device_get(totals)
-  return {
+  metrics = {
     "loss": float(totals["loss_sum"] / max(totals["weight_sum"], 1.0)),
     **summarize_confusion(totals["confusion"]),
   }
+  for key in per_image[0] if per_image else ():
+    metrics[key] = float(np.mean([m[key] for m in per_image]))
+  return metrics
 
 
-@jax.jit
-def _predict_labels(state: TrainState, images: jax.Array) -> jax.Array:
-  return jnp.argmax(predict_logits(state, images), -1)
-
-
-def predict_split(state: TrainState, source: Any, *, batch_size: int, limit: int) -> tuple[np.ndarray, ...]:
-  """Images, labels and predicted label maps of the first ``limit`` examples of a split."""
+def predict_split(
+  state: TrainState, eval_step, source: Any, *, batch_size: int, num_classes: int, geometry: Geometry, limit: int
+) -> tuple[list[np.ndarray], ...]:
+  """Images, labels and predicted label maps (each at its image's size) of the first ``limit`` examples of a split."""
   images, labels, predictions = [], [], []
-  for batch in eval_batches(source, batch_size=batch_size):
-    valid = int(batch["weights"][:, 0, 0].sum())
-    images.append(batch["image"][:valid])
-    labels.append(batch["label"][:valid])
-    predictions.append(np.asarray(_predict_labels(state, batch["image"]))[:valid])
-    if sum(len(x) for x in images) >= limit:
-      break
-  return tuple(np.concatenate(x)[:limit] for x in (images, labels, predictions))
+  prepare = functools.partial(to_model_inputs, num_classes=num_classes)
+  for index in range(min(limit, len(source))):
+    batches = eval_batches([source[index]], batch_size=1, prepare=prepare, geometry=geometry, keep=("mask",))
+    batch, (info,) = next(batches)
+    height, width = info["size"]
+    m = geometry.margin
+    images.append(batch["image"][0, m : m + height, m : m + width])
+    labels.append(batch["label"][0, m : m + height, m : m + width])
+    predictions.append(np.asarray(eval_step(state, jax.device_put(batch))["predictions"])[0, :height, :width])
+  return images, labels, predictions
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -171,32 +278,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.num_train_steps
   tx = create_optimizer(config.optimizer, total_steps)
   schedule = create_schedule(config.optimizer, total_steps)
-  input_shape = (1, *np.asarray(train_source[0]["image"]).shape)
-  state = create_train_state(
-    jax.random.PRNGKey(config.seed), create_model(config.model, dataset.num_classes), tx, input_shape
-  )
+  model = create_model(config.model, dataset.num_classes)
+  first_shape = np.asarray(train_source[0]["image"]).shape
+  geometry, crop_size = training_geometry(config, model, dataset, first_shape)
+  input_shape = (1, crop_size or first_shape[0], crop_size or first_shape[1], dataset.num_channels)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape)
   check_segmentation_output(state, input_shape, config.model.name)
+  weight_map = weight_map_of(config, dataset, train_source)
   if is_main:
     print(f"model {config.model.name}: {count_params(state.params):,} parameters; workdir {workdir}")
 
-  saved_config = run_config(config, dataset)
+  saved_config = run_config(config, dataset, weight_map)
   manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
     state = restore_or_explain(manager, state, workdir, saved_config)
+    check_data_state(checkpoint.restore_data_state(manager, int(state.step)), config, len(train_source))
     if is_main:
       print(f"resuming from step {int(state.step)} of {checkpoint.checkpoint_dir(workdir)}")
   start_step = int(state.step)
 
   loss_fn = get_loss(config.loss)
   train_step = jax.jit(make_train_step(loss_fn, make_augment_fn(config.augment)), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(loss_fn, dataset.num_classes))
   evaluate_split = functools.partial(
-    evaluate, eval_step=jax.jit(make_eval_step(loss_fn, dataset.num_classes)), batch_size=config.eval_batch_size
+    evaluate,
+    eval_step=eval_step,
+    batch_size=config.eval_batch_size,
+    num_classes=dataset.num_classes,
+    geometry=geometry,
+    evaluators=tuple(config.get("evaluators", ())),
   )
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
   dataset_of_steps = train_dataset(
     train_source,
     batch_size=config.batch_size,
     seed=config.seed,
+    prepare=functools.partial(to_model_inputs, num_classes=dataset.num_classes, weight_map=weight_map),
+    crop_size=crop_size,
+    margin=geometry.margin,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
@@ -230,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step, "validation", val_metrics)
           bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
         if checkpoint_now:
-          checkpoint.save(manager, state, saved_config)
+          checkpoint.save(manager, state, saved_config, data_state(config, step, len(train_source)))
         bar.update(1)
   finally:
     manager.wait_until_finished()
@@ -249,25 +368,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if test_source is not None:
     summary["test"] = evaluate_split(state, source=test_source)
   if is_main:
-    write_outputs(state, config, eval_source, test_source, workdir, summary)
+    predict = functools.partial(
+      predict_split, state, eval_step, num_classes=dataset.num_classes, geometry=geometry, batch_size=1
+    )
+    write_outputs(predict, config, eval_source, test_source, workdir, summary)
     print(format_summary(summary, dataset.class_names))
   return summary
 
 
 def write_outputs(
-  state: TrainState, config: ml_collections.ConfigDict, eval_source: Any, test_source: Any, workdir: str, summary: dict
+  predict, config: ml_collections.ConfigDict, eval_source: Any, test_source: Any, workdir: str, summary: dict
 ) -> None:
-  """Curves, the validation sample grid, ``summary.json``, and test-split images for ``experiments.predict``."""
+  """Curves, the validation sample grid, ``summary.json``, and test-split images for ``experiments.predict``.
+
+  ``predict(source, limit=n)`` returns images, labels and predictions of a split's first n examples. Without a test
+  split, the validation images are exported instead.
+  """
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(metrics_path):
     viz.plot_curves(viz.read_metrics(metrics_path), os.path.join(workdir, "curves.png"))
   if config.num_sample_images > 0:
-    images, labels, predictions = predict_split(
-      state, eval_source, batch_size=config.eval_batch_size, limit=config.num_sample_images
-    )
+    images, labels, predictions = predict(eval_source, limit=config.num_sample_images)
     viz.plot_samples(images, labels, predictions, os.path.join(workdir, "samples.png"))
-  if test_source is not None and config.num_test_images > 0:
-    export_images(test_source, os.path.join(workdir, "test_images"), config.data.test_split, config.num_test_images)
+  export_source, prefix = (test_source, "test") if test_source is not None else (eval_source, "validation")
+  if config.num_test_images > 0:
+    export_images(export_source, os.path.join(workdir, "test_images"), prefix, config.num_test_images)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 

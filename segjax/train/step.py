@@ -73,6 +73,15 @@ def make_loss_fn(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[jax.Ar
   return objective
 
 
+def pixel_accuracy(logits: jax.Array, batch: Batch) -> jax.Array:
+  """Fraction of correctly classified pixels among those with a positive weight (all pixels without weights)."""
+  correct = jnp.argmax(logits, -1) == batch["label"]
+  if "weights" not in batch:
+    return jnp.mean(correct)
+  counted = batch["weights"] > 0
+  return jnp.sum(correct & counted) / jnp.maximum(jnp.sum(counted), 1)
+
+
 def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Callable[[TrainState, Batch], tuple]:
   """Builds the pure train step.
 
@@ -97,7 +106,7 @@ def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Cal
       state.params, state, batch, dropout_rng
     )
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == crop_targets(batch, logits)["label"])
+    accuracy = pixel_accuracy(logits, crop_targets(batch, logits))
     metrics = {
       "loss": loss,
       "pixel_accuracy": accuracy,
@@ -113,8 +122,9 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
   """Builds the pure eval step.
 
   Returns:
-    ``eval_step(state, batch) -> {'confusion', 'loss_sum', 'weight_sum'}``: sums to be added up over the split. The
-    batch's ``weights`` (0 for padding examples) exclude pixels from every sum.
+    ``eval_step(state, batch) -> {'confusion', 'loss_sum', 'weight_sum', 'predictions'}``: sums to be added up over
+    the split, and the predicted label maps (B, H', W') for per-image metrics on the host. The batch's ``weights``
+    (0 for padding) exclude pixels from every sum.
   """
 
   def eval_step(state: TrainState, batch: Batch):
@@ -125,7 +135,8 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
       weights = jnp.ones(batch["label"].shape, jnp.float32)
     weight_sum = jnp.sum(weights)
     loss_sum = loss_fn(logits, batch["label"], weights) * weight_sum
-    confusion = confusion_matrix(jnp.argmax(logits, -1), batch["label"], num_classes, weights)
-    return {"confusion": confusion, "loss_sum": loss_sum, "weight_sum": weight_sum}
+    predictions = jnp.argmax(logits, -1)
+    confusion = confusion_matrix(predictions, batch["label"], num_classes, weights)
+    return {"confusion": confusion, "loss_sum": loss_sum, "weight_sum": weight_sum, "predictions": predictions}
 
   return eval_step

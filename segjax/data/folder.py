@@ -1,0 +1,220 @@
+"""`segmentation_folder`: bring your own data, a folder of images and a folder of masks paired by file stem.
+
+Images may be PNG, TIFF or JPEG, grayscale or RGB, 8- or 16-bit, and of different sizes. Masks hold one value per
+pixel; ``mask_values`` maps those values to class ids (e.g. ``{0: 0, 255: 1}``; by default a value is its class id)
+and ``ignore_value`` marks pixels without a label. An optional folder of instance-id images adds the U-Net border
+weight term. The split comes from list files of stems or from deterministic fractions of the sorted stems.
+
+Used through a config (see ``experiments/configs/folder_unet.py``); nothing needs to be written in code. The prepared
+data is named after a hash of the settings and of the files' names, sizes and modification times, so changing either
+prepares it again instead of reading stale data.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from segjax.data.features import IGNORE_LABEL, SegmentationBuilder, make_example, segmentation_features
+from segjax.data.io import image_size, images_by_stem, is_sixteen_bit, read_image, read_label
+from segjax.errors import SegjaxError
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(tfds.core.BuilderConfig):
+  """A folder data set's settings (use :func:`folder_config` to build one from the ``data`` config section).
+
+  Attributes:
+    image_dir: folder of images.
+    mask_dir: folder of masks with the same stems.
+    instance_dir: optional folder of instance-id images with the same stems ('' for none).
+    mask_values: (mask value, class id) pairs; empty: each value is its class id.
+    ignore_value: mask value meaning "no label" (-1 for none).
+    num_classes: number of classes including background.
+    num_channels: 1 or 3; images are converted to it.
+    sixteen_bit: store 16-bit images (set when any grayscale image is 16-bit).
+    splits: (split, stems) pairs.
+    border_sigma: sigma of the border weight term in pixels.
+  """
+
+  image_dir: str = ""
+  mask_dir: str = ""
+  instance_dir: str = ""
+  mask_values: tuple[tuple[int, int], ...] = ()
+  ignore_value: int = -1
+  num_classes: int = 2
+  num_channels: int = 1
+  sixteen_bit: bool = False
+  splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  border_sigma: float = 5.0
+
+
+def map_mask(mask: np.ndarray, config: FolderConfig, path: str) -> np.ndarray:
+  """Mask values -> class ids (``IGNORE_LABEL`` for the ignore value); SegjaxError names a value with no class."""
+  table = dict(config.mask_values) if config.mask_values else {v: v for v in range(config.num_classes)}
+  if config.ignore_value >= 0:
+    table[config.ignore_value] = IGNORE_LABEL
+  values = np.unique(mask)
+  if unknown := [int(v) for v in values if int(v) not in table]:
+    raise SegjaxError(
+      f"mask '{path}' holds value {unknown[0]}, which data.mask_values does not map to a class; add it to "
+      "data.mask_values or set data.ignore_value."
+    )
+  lookup = np.zeros(int(values.max()) + 1, np.uint8)
+  for v in values:
+    lookup[int(v)] = table[int(v)]
+  return lookup[mask]
+
+
+class SegmentationFolder(SegmentationBuilder):
+  """TFDS builder for a :class:`FolderConfig`; splits as configured."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  code_path = epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    return self.dataset_info_from_configs(
+      description=f"Images from {config.image_dir} with masks from {config.mask_dir}.",
+      features=segmentation_features(
+        config.num_channels,
+        image_dtype=np.uint16 if config.sixteen_bit else np.uint8,
+        instances=bool(config.instance_dir),
+      ),
+      disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
+    del dl_manager  # the folders are given by the config
+    return {split: self._generate_examples(stems) for split, stems in self.builder_config.splits if stems}
+
+  def _generate_examples(self, stems: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+    config = self.builder_config
+    images, masks = images_by_stem(config.image_dir), images_by_stem(config.mask_dir)
+    instance_files = images_by_stem(config.instance_dir) if config.instance_dir else {}
+    for key, stem in enumerate(stems):
+      image = read_image(images[stem], config.num_channels)
+      if image.dtype == np.uint8 and config.sixteen_bit:
+        image = image.astype(np.uint16) * 257  # the same [0, 1] intensity after normalisation
+      mask = map_mask(read_label(masks[stem]), config, masks[stem])
+      instances = read_label(instance_files[stem]) if instance_files else None
+      yield key, make_example(stem, image, mask, instances, border_sigma=config.border_sigma)
+
+
+def _read_stems(path: str, split: str) -> tuple[str, ...]:
+  if not os.path.isfile(path):
+    raise SegjaxError(f"split list '{path}' (config key data.split_files.{split}) does not exist.")
+  with open(path) as f:
+    return tuple(os.path.splitext(os.path.basename(line.strip()))[0] for line in f if line.strip())
+
+
+def assign_splits(
+  stems: list[str], *, split_files: Mapping[str, str] | None, validation_fraction: float, test_fraction: float
+) -> dict[str, tuple[str, ...]]:
+  """Split name -> stems, from list files or from fractions of the sorted stems.
+
+  With fractions, the sorted stems are dealt out evenly: stem ``i`` goes to ``validation`` when
+  ``floor((i + 1) f_val) > floor(i f_val)``, else to ``test`` by the same rule with ``f_test``, else to ``train``.
+  """
+  if split_files:
+    splits = {split: _read_stems(path, split) for split, path in split_files.items()}
+    if bad := [s for s in splits if s not in SPLITS]:
+      raise SegjaxError(f"unknown split '{bad[0]}' in data.split_files; use {', '.join(SPLITS)}.")
+    known = set(stems)
+    for split, listed in splits.items():
+      if missing := [s for s in listed if s not in known]:
+        raise SegjaxError(f"split list {split_files[split]} names '{missing[0]}', which has no image and mask.")
+    return splits
+  for key, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+    if not 0.0 <= value < 1.0:
+      raise SegjaxError(f"data.{key} must be in [0, 1), got {value}.")
+  splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+  for i, stem in enumerate(sorted(stems)):
+    if int((i + 1) * validation_fraction) > int(i * validation_fraction):
+      splits["validation"].append(stem)
+    elif int((i + 1) * test_fraction) > int(i * test_fraction):
+      splits["test"].append(stem)
+    else:
+      splits["train"].append(stem)
+  return {s: tuple(v) for s, v in splits.items()}
+
+
+def _fingerprint(paths: list[str]) -> str:
+  digest = hashlib.sha1()
+  for path in paths:
+    stat = os.stat(path)
+    digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
+
+
+def _mask_value_pairs(mask_values: Any) -> tuple[tuple[int, int], ...]:
+  if not mask_values:
+    return ()
+  items = mask_values.items() if hasattr(mask_values, "items") else mask_values
+  try:
+    return tuple(sorted((int(v), int(c)) for v, c in items))
+  except (TypeError, ValueError) as e:
+    raise SegjaxError(
+      f"data.mask_values must map mask values to class ids, e.g. {{0: 0, 255: 1}}; got {mask_values}."
+    ) from e
+
+
+def folder_config(data: Mapping[str, Any]) -> FolderConfig:
+  """Checks the folders and builds the builder config from the ``data`` config section.
+
+  Every image must have a mask of the same size (and an instance map, when ``instance_dir`` is set); the first file
+  that breaks this is named in a SegjaxError, before anything is prepared.
+  """
+  for key in ("image_dir", "mask_dir"):
+    if not data.get(key):
+      raise SegjaxError(f"config key data.{key} is not set; point it at the folder of {key.split('_')[0]}s.")
+  images = images_by_stem(data["image_dir"])
+  masks = images_by_stem(data["mask_dir"])
+  instance_dir = data.get("instance_dir") or ""
+  instances = images_by_stem(instance_dir) if instance_dir else {}
+  for stem, path in images.items():
+    if stem not in masks:
+      raise SegjaxError(f"image '{path}' has no mask named '{stem}' in {data['mask_dir']}; add one or remove it.")
+    if image_size(masks[stem]) != image_size(path):
+      raise SegjaxError(f"mask '{masks[stem]}' is {image_size(masks[stem])} but its image is {image_size(path)}.")
+    if instance_dir and stem not in instances:
+      raise SegjaxError(f"image '{path}' has no instance map named '{stem}' in {instance_dir}.")
+  if extra := sorted(set(masks) - set(images)):
+    raise SegjaxError(f"mask '{masks[extra[0]]}' has no image named '{extra[0]}' in {data['image_dir']}.")
+  num_channels = int(data.get("num_channels") or 1)
+  if num_channels not in (1, 3):
+    raise SegjaxError(f"data.num_channels must be 1 or 3, got {num_channels}.")
+  num_classes = int(data.get("num_classes") or 2)
+  mask_values = _mask_value_pairs(data.get("mask_values"))
+  if bad := [c for _, c in mask_values if not 0 <= c < num_classes]:
+    raise SegjaxError(f"data.mask_values maps to class {bad[0]}, outside 0..{num_classes - 1} (data.num_classes).")
+  splits = assign_splits(
+    list(images),
+    split_files=data.get("split_files"),
+    validation_fraction=float(data.get("validation_fraction", 0.1)),
+    test_fraction=float(data.get("test_fraction", 0.0)),
+  )
+  settings = {
+    "image_dir": os.path.abspath(data["image_dir"]),
+    "mask_dir": os.path.abspath(data["mask_dir"]),
+    "instance_dir": os.path.abspath(instance_dir) if instance_dir else "",
+    "mask_values": mask_values,
+    "ignore_value": int(data.get("ignore_value", -1) if data.get("ignore_value") is not None else -1),
+    "num_classes": num_classes,
+    "num_channels": num_channels,
+    "sixteen_bit": num_channels == 1 and any(is_sixteen_bit(p) for p in images.values()),
+    "splits": tuple((s, tuple(splits.get(s, ()))) for s in SPLITS),
+    "border_sigma": float(data.get("border_sigma", 5.0)),
+  }
+  files = sorted(images.values()) + sorted(masks.values()) + sorted(instances.values())
+  digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + _fingerprint(files)).encode()).hexdigest()[:16]
+  return FolderConfig(name=f"f{digest}", description=f"images {settings['image_dir']}", **settings)

@@ -1,0 +1,120 @@
+"""Reading images and label maps from files, with errors that name the file.
+
+Training data builders and ``experiments.predict`` read files through these functions, so a PNG, TIFF or JPEG is
+decoded the same way everywhere: images become (H, W, C) uint8, or uint16 for 16-bit grayscale; label maps become
+(H, W) integer arrays (8- or 16-bit, palette PNGs give their palette indices).
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segjax.errors import SegjaxError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def list_images(path: str) -> list[str]:
+  """The image file ``path`` itself, or the image files in folder ``path`` (sorted); SegjaxError if there are none."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise SegjaxError(f"input '{path}' does not exist; pass an image file or a folder of images.")
+  files = sorted(
+    os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+  )
+  if not files:
+    raise SegjaxError(f"folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); point at a folder of images.")
+  return files
+
+
+def images_by_stem(folder: str) -> dict[str, str]:
+  """File stem -> path of the image files of ``folder``; SegjaxError if two files share a stem or there are none."""
+  stems: dict[str, str] = {}
+  for path in list_images(folder) if os.path.isdir(folder) else _missing_folder(folder):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in stems:
+      raise SegjaxError(f"'{stems[stem]}' and '{path}' share the name '{stem}'; keep one image per name.")
+    stems[stem] = path
+  return stems
+
+
+def _missing_folder(folder: str) -> list[str]:
+  raise SegjaxError(f"folder '{folder}' does not exist; check the path in the config.")
+
+
+@contextlib.contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+  """``PIL.Image.open`` whose failures become a SegjaxError naming the file."""
+  try:
+    with Image.open(path) as img:
+      yield img
+  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG.") from e
+
+
+def check_images(paths: list[str]) -> None:
+  """Opens each file's header, so a non-image fails before any output is written; SegjaxError names the file."""
+  for path in paths:
+    with open_image(path):
+      pass
+
+
+def image_size(path: str) -> tuple[int, int]:
+  """(height, width) from the file header, without decoding the pixels."""
+  with open_image(path) as img:
+    return img.height, img.width
+
+
+def is_sixteen_bit(path: str) -> bool:
+  """Whether an image file holds 16-bit (or 32-bit integer) grayscale pixels."""
+  with open_image(path) as img:
+    return img.mode in _SIXTEEN_BIT_MODES
+
+
+def read_image(path: str, num_channels: int) -> np.ndarray:
+  """Reads an image file as (H, W, num_channels) uint8; 16-bit grayscale stays uint16 when ``num_channels`` is 1.
+
+  RGBA and palette images are converted to RGB (or to luminance for one channel).
+
+  Raises:
+    SegjaxError: if the file is not a readable image.
+  """
+  with open_image(path) as img:
+    try:
+      img.load()
+    except (OSError, SyntaxError) as e:
+      raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}: {e}); re-export it as PNG.") from e
+    if num_channels == 1 and img.mode in _SIXTEEN_BIT_MODES:
+      array = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+    else:
+      array = np.asarray(img.convert("L" if num_channels == 1 else "RGB"))
+  return array[..., None] if array.ndim == 2 else array
+
+
+def read_label(path: str) -> np.ndarray:
+  """Reads a label map (class ids or instance ids) as an (H, W) int64 array.
+
+  8- and 16-bit grayscale and palette images give their stored values; an RGB(A) file is accepted only when its
+  colour channels are equal (a gray image saved as RGB).
+
+  Raises:
+    SegjaxError: if the file is unreadable or a colour image.
+  """
+  with open_image(path) as img:
+    try:
+      img.load()
+    except (OSError, SyntaxError) as e:
+      raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}: {e}); re-export it as PNG.") from e
+    array = np.asarray(img)
+  if array.ndim == 3:
+    if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(3, array.shape[-1]))):
+      raise SegjaxError(
+        f"label file '{path}' is a colour image; save masks as one-channel images of class (or instance) ids."
+      )
+    array = array[..., 0]
+  return array.astype(np.int64)

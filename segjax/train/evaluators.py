@@ -1,0 +1,56 @@
+"""Per-image evaluators: metrics computed on the host from one predicted label map and its example.
+
+Each evaluator is ``fn(prediction, info) -> {metric: value}`` with ``prediction`` the (H, W) predicted class ids of
+one image (cropped to its size) and ``info`` the example's source features (``mask``, ``instances``). The loop
+averages each metric over the images of a split. Configs name them in ``evaluators``, e.g. ``('isbi',)``.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from segjax.errors import SegjaxError
+from segjax.metrics import instance_average_precision, isbi_scores, label_instances
+
+Evaluator = Callable[[np.ndarray, dict[str, Any]], dict[str, float]]
+
+ISBI_MEMBRANE = 1
+"""The membrane class of the ``isbi2012`` data set."""
+
+MIN_INSTANCE_PIXELS = 10
+"""Predicted connected components smaller than this are dropped before instance matching (noise, not nuclei)."""
+
+
+def isbi_evaluator(prediction: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
+  """ISBI 2012 pixel error and foreground-restricted Rand error (1 - V_rand) of one slice; class 1 is membrane."""
+  label = np.asarray(info["mask"])[..., 0]
+  return isbi_scores(prediction != ISBI_MEMBRANE, label != ISBI_MEMBRANE)
+
+
+def instance_evaluator(prediction: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
+  """Data Science Bowl 2018 instance average precision (IoU 0.5:0.05:0.95) of the connected components of the
+  predicted foreground (every class but 0) against the true instances."""
+  if "instances" not in info:
+    raise SegjaxError("evaluator 'instances' needs a dataset with instance maps; remove it from config evaluators.")
+  predicted = label_instances(prediction > 0, min_size=MIN_INSTANCE_PIXELS)
+  return {"instance_ap": instance_average_precision(predicted, np.asarray(info["instances"])[..., 0])}
+
+
+EVALUATORS: dict[str, Evaluator] = {"isbi": isbi_evaluator, "instances": instance_evaluator}
+
+
+def get_evaluators(names: Sequence[str]) -> tuple[Evaluator, ...]:
+  """The evaluators named in the config; SegjaxError for an unknown name."""
+  for name in names:
+    if name not in EVALUATORS:
+      raise SegjaxError(f"unknown evaluator '{name}' (config key evaluators); available: {', '.join(EVALUATORS)}.")
+  return tuple(EVALUATORS[name] for name in names)
+
+
+def run_evaluators(evaluators: Sequence[Evaluator], prediction: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
+  """All evaluators' metrics of one image in one dict."""
+  metrics: dict[str, float] = {}
+  for evaluator in evaluators:
+    metrics.update(evaluator(prediction, info))
+  return metrics
