@@ -25,6 +25,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data.eval_split = "validation"
   config.data.test_split = "test"
   config.data.num_threads = 2
+  config.data.crop_size = config_dict.placeholder(int)  # None: train on whole images (all 128x128 here)
+  # The U-Net weight map w = w_c + w0 * border term (Ronneberger et al. 2015, Eq. 2); class_weights 'balanced' counts
+  # the training pixels, or give one weight per class.
+  config.data.weight_map = ml_collections.ConfigDict({"enabled": False, "w0": 10.0, "class_weights": "balanced"})
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet"
@@ -34,6 +38,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   config.loss = "softmax_cross_entropy"
   config.augment = ml_collections.ConfigDict({"ops": ["flip", "rot90"]})
+  config.evaluators = ()  # per-image metrics on the host, e.g. ('isbi',) or ('instances',)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"

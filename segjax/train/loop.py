@@ -424,6 +424,7 @@ def format_summary(summary: dict, class_names: tuple[str, ...]) -> str:
     lines.append(
       f"{row:<22}" + "".join(f"{summary[s][f'iou/{c}']:>12.4f}{summary[s][f'dice/{c}']:>12.4f}" for s in splits)
     )
-  for key in ("mean_iou", "foreground_iou", "pixel_accuracy", "loss"):
-    lines.append(f"{key:<22}" + "".join(f"{summary[s][key]:>24.4f}" for s in splits))
+  per_image = [k for k in ("pixel_error", "rand_error", "instance_ap") if k in summary[splits[0]]]
+  for key in ("mean_iou", "foreground_iou", "pixel_accuracy", "loss", *per_image):
+    lines.append(f"{key:<22}" + "".join(f"{summary[s].get(key, float('nan')):>24.4f}" for s in splits))
   return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Any folder data set: images and masks paired by file name, trained with a U-Net without writing code.
+
+  python -m experiments.train --config=experiments/configs/folder_unet.py --workdir=runs/mydata \
+      --config.data.image_dir=/data/mine/images --config.data.mask_dir=/data/mine/masks \
+      --config.data.num_classes=2 --config.data.num_channels=3
+
+Masks hold one value per pixel. ``data.mask_values`` maps mask values to class ids (a dict, e.g. ``{0: 0, 255: 1}``,
+set in a copy of this file; by default a value is its class id) and ``data.ignore_value`` marks unlabelled pixels.
+``data.instance_dir`` (instance-id images with the same names) enables the U-Net border weight map. The split comes
+from ``data.split_files`` (``{'train': 'train.txt', 'validation': 'val.txt'}``, one file name or stem per line) or
+from ``data.validation_fraction`` / ``data.test_fraction`` of the sorted names. See ``segjax/data/folder.py``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from experiments.configs import synthetic_cells
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the config; ``data.image_dir`` and ``data.mask_dir`` must be set."""
+  config = synthetic_cells.get_config()
+  config.data = ml_collections.ConfigDict(
+    {
+      "name": "segmentation_folder",
+      "image_dir": config_dict.placeholder(str),
+      "mask_dir": config_dict.placeholder(str),
+      "instance_dir": config_dict.placeholder(str),
+      "mask_values": config_dict.placeholder(dict),
+      "ignore_value": config_dict.placeholder(int),
+      "num_classes": 2,
+      "num_channels": 1,
+      "class_names": config_dict.placeholder(tuple),
+      "split_files": config_dict.placeholder(dict),
+      "validation_fraction": 0.1,
+      "test_fraction": 0.0,
+      "border_sigma": 5.0,
+      "tfds_data_dir": config_dict.placeholder(str),
+      "train_split": "train",
+      "eval_split": "validation",
+      "test_split": "test",
+      "num_threads": 2,
+      "crop_size": 256,
+      "eval_size_multiple": 16,
+      "weight_map": {"enabled": False, "w0": 10.0, "class_weights": "balanced"},
+    }
+  )
+  config.augment = ml_collections.ConfigDict({"ops": ["flip", "rot90", "scale_crop", "intensity"]})
+  config.model.kwargs.depth = 4
+  config.num_train_steps = 2000
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  return config
