@@ -12,8 +12,9 @@ import ml_collections
 import numpy as np
 
 from segjax import checkpoint
-from segjax.data.pipeline import normalize_image
+from segjax.data.pipeline import normalize_image, pad_image_for_model
 from segjax.models import create_model
+from segjax.models.geometry import Geometry, model_geometry
 from segjax.train.optim import create_optimizer
 from segjax.train.state import TrainState, create_train_state
 from segjax.train.step import predict_logits
@@ -28,18 +29,29 @@ class Predictor:
   config: ml_collections.ConfigDict
   state: TrainState
   step: int
+  geometry: Geometry = dataclasses.field(default_factory=Geometry)
 
   @property
   def num_channels(self) -> int:
     return int(self.config.dataset_info.num_channels)
 
+  def predict_logits(self, image: np.ndarray) -> np.ndarray:
+    """Image (H, W, C) uint8/uint16 -> logits (H, W, num_classes), float32.
+
+    For the unpadded U-Net the image is mirrored at its borders to the input whose output covers it (one tile of
+    the paper's overlap-tile strategy) and the output is cropped to the image.
+    """
+    height, width = image.shape[:2]
+    padded = pad_image_for_model(normalize_image(image), self.geometry)
+    return np.asarray(_logits(self.state, padded[None])[0, :height, :width])
+
   def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
     """Image (H, W, C) uint8/uint16 -> class probabilities (H, W, num_classes), float32."""
-    return np.asarray(jax.nn.softmax(_logits(self.state, normalize_image(image)[None])[0], -1))
+    return np.asarray(jax.nn.softmax(self.predict_logits(image), -1))
 
   def predict_labels(self, image: np.ndarray) -> np.ndarray:
     """Image (H, W, C) -> label map (H, W) of class ids, uint8."""
-    return np.asarray(_logits(self.state, normalize_image(image)[None])[0].argmax(-1)).astype(np.uint8)
+    return self.predict_logits(image).argmax(-1).astype(np.uint8)
 
 
 def load_predictor(workdir: str, step: int | None = None) -> Predictor:
@@ -48,11 +60,13 @@ def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   info = config.dataset_info
   model = create_model(config.model, info.num_classes)
   tx = create_optimizer(config.optimizer, config.num_train_steps)
+  geometry = model_geometry(model, multiple=config.data.get("eval_size_multiple", 1))
+  side = geometry.input_size_for_output(32)
   # The restore target only needs shapes: build it abstractly instead of initialising the model.
   template = jax.eval_shape(
-    lambda: create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, info.num_channels))
+    lambda: create_train_state(jax.random.PRNGKey(0), model, tx, (1, side, side, info.num_channels))
   )
   manager = checkpoint.create_manager(workdir, read_only=True)
   state = checkpoint.restore_state(manager, template, step)
   manager.close()
-  return Predictor(config=config, state=state, step=step)
+  return Predictor(config=config, state=state, step=step, geometry=geometry)

@@ -156,22 +156,33 @@ def train_batches(dataset: grain.MapDataset, *, start_step: int = 0, num_threads
   return iter(dataset[start_step:].to_iter_dataset(read_options))
 
 
-def pad_for_model(example: Example, geometry: Geometry) -> tuple[Example, tuple[int, int]]:
-  """Pads a whole image so that the model's output covers it; returns the padded example and the original size.
-
-  The image is mirrored at its borders (``margin`` pixels before, the rest after); label and weights are padded with
-  0, so padded pixels count in no loss or metric. The label and weights keep the input's size: the train and eval
-  steps centre-crop them to the output (:func:`segjax.train.step.crop_targets`), which puts the output's pixel (0, 0)
-  on the image's pixel (0, 0).
-  """
-  height, width = example["label"].shape
+def model_padding(height: int, width: int, geometry: Geometry) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``(before, after)`` padding (rows, cols) that makes the model's output cover an image, pixel (0, 0) on (0, 0)."""
   m = geometry.margin
   in_h, in_w = geometry.input_size_for_output(height), geometry.input_size_for_output(width)
-  after = (in_h - height - m, in_w - width - m)
+  return (m, m), (in_h - height - m, in_w - width - m)
+
+
+def pad_image_for_model(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+  """Mirrors an (H, W, C) image at its borders to the input the model needs for an output covering it."""
+  before, after = model_padding(image.shape[0], image.shape[1], geometry)
+  return _pad(image, before, after, "reflect")
+
+
+def pad_for_model(example: Example, geometry: Geometry) -> tuple[Example, tuple[int, int]]:
+  """Pads a whole example so that the model's output covers it; returns the padded example and the original size.
+
+  The image is mirrored at its borders (:func:`pad_image_for_model`); label and weights are padded with 0, so padded
+  pixels count in no loss or metric. The label and weights keep the input's size: the train and eval steps
+  centre-crop them to the output (:func:`segjax.train.step.crop_targets`), which puts the output's pixel (0, 0) on
+  the image's pixel (0, 0).
+  """
+  height, width = example["label"].shape
+  before, after = model_padding(height, width, geometry)
   padded = {
-    "image": _pad(example["image"], (m, m), after, "reflect"),
-    "label": _pad(example["label"], (m, m), after, "constant"),
-    "weights": _pad(example["weights"], (m, m), after, "constant"),
+    "image": _pad(example["image"], before, after, "reflect"),
+    "label": _pad(example["label"], before, after, "constant"),
+    "weights": _pad(example["weights"], before, after, "constant"),
   }
   return padded, (height, width)
 

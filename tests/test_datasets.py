@@ -1,0 +1,253 @@
+"""The file-based data sets (isbi2012, dsb2018, segmentation_folder) and oxford_iiit_pet through a config.
+
+Tests on the real ISBI 2012 and DSB 2018 files skip when ``../shared/data`` (or ``$SEGJAX_DATA``) does not hold them.
+"""
+
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from segjax.data import data_root, load_dataset
+from segjax.data.features import IGNORE_LABEL
+from segjax.errors import SegjaxError
+
+ISBI = os.path.join(data_root(), "isbi2012")
+DSB = os.path.join(data_root(), "dsb2018")
+needs_isbi = pytest.mark.skipif(not os.path.isdir(ISBI), reason=f"ISBI 2012 data not at {ISBI}")
+needs_dsb = pytest.mark.skipif(not os.path.isdir(DSB), reason=f"DSB 2018 data not at {DSB}")
+
+
+def _name(example) -> str:
+  name = example["name"]
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _config(**data) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(data)
+
+
+@needs_isbi
+def test_isbi2012_splits_classes_and_border_weights(tmp_path):
+  dataset = load_dataset(_config(name="isbi2012", tfds_data_dir=str(tmp_path), validation_slices=(3, 7)))
+  assert (dataset.num_classes, dataset.num_channels) == (2, 1)
+  train, validation = dataset.split("train"), dataset.split("validation")
+  assert (len(train), len(validation)) == (28, 2)
+  example = validation[1]
+  assert _name(example) == "7"
+  label = np.asarray(Image.open(os.path.join(ISBI, "train", "label", "7.png")))
+  np.testing.assert_array_equal(example["mask"][..., 0], (label == 0).astype(np.uint8))  # class 1 = membrane
+  image = np.asarray(Image.open(os.path.join(ISBI, "train", "image", "7.png")))
+  np.testing.assert_array_equal(example["image"][..., 0], image)
+  # instances are the cell interiors; the border term lives on membrane pixels between two cells
+  assert example["instances"].max() > 10
+  border = example["border_weights"]
+  assert border.max() > 0.5 and np.all(border[example["mask"][..., 0] == 0] == 0)
+
+
+def _dsb_subset(tmp_path, count=12):
+  ids = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(DSB, "images")))[:count]
+  root = tmp_path / "dsb"
+  for kind in ("images", "instances"):
+    (root / kind).mkdir(parents=True)
+    for i in ids:
+      os.symlink(os.path.join(DSB, kind, f"{i}.png"), root / kind / f"{i}.png")
+  return root, ids
+
+
+@needs_dsb
+def test_dsb2018_split_by_sorted_position_with_instances(tmp_path):
+  root, ids = _dsb_subset(tmp_path)
+  dataset = load_dataset(_config(name="dsb2018", manual_dir=str(root), tfds_data_dir=str(tmp_path / "tfds")))
+  assert not dataset.same_size and dataset.has_instances
+  names = {split: [_name(e) for e in dataset.split(split)] for split in ("train", "validation", "test")}
+  assert names["validation"] == [ids[0], ids[10]] and names["test"] == [ids[5]]
+  assert len(names["train"]) == 9
+  example = dataset.split("validation")[0]
+  instances = np.asarray(Image.open(os.path.join(DSB, "instances", f"{ids[0]}.png"))).astype(np.int64)
+  np.testing.assert_array_equal(example["instances"][..., 0], instances)
+  np.testing.assert_array_equal(example["mask"][..., 0], instances > 0)
+  assert example["image"].shape == (*instances.shape, 3)
+  assert example["border_weights"].shape == instances.shape
+
+
+@needs_dsb
+def test_dsb2018_unpaired_or_missized_files_are_named_and_nothing_is_prepared(tmp_path):
+  root, ids = _dsb_subset(tmp_path, count=3)
+  os.remove(root / "instances" / f"{ids[1]}.png")
+  config = _config(name="dsb2018", manual_dir=str(root), tfds_data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(SegjaxError, match=f"images/{ids[1]}.png' has no instances/{ids[1]}.png"):
+    load_dataset(config)
+  Image.fromarray(np.zeros((5, 5), np.uint16)).save(root / "instances" / f"{ids[1]}.png")
+  with pytest.raises(SegjaxError, match=f"instances/{ids[1]}.png' is \\(5, 5\\) but its image is"):
+    load_dataset(config)
+  assert not (tmp_path / "tfds" / "dsb2018" / "default" / "1.0.0" / "dataset_info.json").exists()
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+  with pytest.raises(SegjaxError, match="data folder .* does not exist; set data.manual_dir"):
+    load_dataset(_config(name="isbi2012", manual_dir=str(tmp_path / "nope")))
+
+
+def _write_folder(root, sizes, *, sixteen_bit=False, rgb=False, mask_value=255):
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  rng = np.random.default_rng(0)
+  for i, (h, w) in enumerate(sizes):
+    if sixteen_bit:
+      image = rng.integers(0, 65535, (h, w), dtype=np.uint16)
+      Image.fromarray(image).save(root / "images" / f"img{i}.tif")
+    elif rgb:
+      Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"img{i}.jpg")
+    else:
+      Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(root / "images" / f"img{i}.png")
+    mask = np.zeros((h, w), np.uint8)
+    mask[: h // 2] = mask_value
+    mask[-1, -1] = 7  # an "unlabelled" value
+    Image.fromarray(mask).save(root / "masks" / f"img{i}.png")
+
+
+def _folder_config(root, tmp_path, **extra):
+  return _config(
+    name="segmentation_folder",
+    image_dir=str(root / "images"),
+    mask_dir=str(root / "masks"),
+    mask_values={"0": 0, "255": 1},
+    ignore_value=7,
+    num_classes=2,
+    num_channels=1,
+    tfds_data_dir=str(tmp_path / "tfds"),
+    **extra,
+  )
+
+
+def test_segmentation_folder_maps_values_keeps_16_bit_and_mixed_sizes(tmp_path):
+  root = tmp_path / "data"
+  _write_folder(root, [(20, 30), (24, 24), (31, 17), (20, 30), (16, 16)], sixteen_bit=True)
+  dataset = load_dataset(_folder_config(root, tmp_path, validation_fraction=0.4))
+  assert not dataset.same_size and dataset.num_classes == 2
+  assert [len(dataset.split(s)) for s in ("train", "validation")] == [3, 2]
+  example = dataset.split("validation")[0]
+  name = _name(example)
+  original = np.asarray(Image.open(root / "images" / f"{name}.tif"))
+  np.testing.assert_array_equal(example["image"][..., 0], original)  # 16-bit kept exactly
+  assert example["image"].dtype == np.uint16
+  mask = example["mask"][..., 0]
+  assert mask[0, 0] == 1 and mask[-2, 0] == 0 and mask[-1, -1] == IGNORE_LABEL
+
+
+def test_segmentation_folder_with_instances_stores_the_border_term(tmp_path):
+  root = tmp_path / "data"
+  _write_folder(root, [(16, 20)] * 3)
+  (root / "instances").mkdir()
+  for i in range(3):
+    instances = np.zeros((16, 20), np.uint16)
+    instances[2:7, 2:9], instances[2:7, 11:18] = 1, 300  # two objects 2 px apart
+    Image.fromarray(instances).save(root / "instances" / f"img{i}.png")
+  dataset = load_dataset(_folder_config(root, tmp_path, instance_dir=str(root / "instances")))
+  assert dataset.has_instances
+  example = dataset.split("train")[0]
+  assert example["instances"].max() == 300
+  gap = example["border_weights"][4, 9]  # between the objects: d1 = 1, d2 = 2
+  assert gap == pytest.approx(np.exp(-((1 + 2) ** 2) / (2 * 5.0**2)), rel=1e-5)
+
+
+def test_segmentation_folder_split_files_and_rgb_jpeg(tmp_path):
+  root = tmp_path / "data"
+  _write_folder(root, [(12, 12)] * 4, rgb=True)
+  (tmp_path / "val.txt").write_text("img2.jpg\nimg0\n")
+  (tmp_path / "train.txt").write_text("img1\nimg3\n")
+  config = _folder_config(
+    root, tmp_path, split_files={"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "val.txt")}
+  )
+  config.num_channels = 3
+  dataset = load_dataset(config)
+  assert [_name(e) for e in dataset.split("validation")] == ["img2", "img0"]
+  assert dataset.split("train")[0]["image"].shape == (12, 12, 3)
+
+
+@pytest.mark.parametrize(
+  "breakage, message",
+  [
+    (lambda root: os.remove(root / "masks" / "img1.png"), "img1.png' has no mask named 'img1'"),
+    (
+      lambda root: Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "img1.png"),
+      "masks/img1.png' is \\(5, 5\\) but its image is \\(10, 10\\)",
+    ),
+    (
+      lambda root: Image.fromarray(np.full((10, 10), 128, np.uint8)).save(root / "masks" / "img1.png"),
+      "masks/img1.png' holds value 128, which data.mask_values does not map",
+    ),
+    (lambda root: (root / "images" / "img1.png").write_bytes(b"not a png"), "images/img1.png' is not a readable"),
+    (lambda root: Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "masks" / "extra.png"), "extra.png' has no"),
+  ],
+)
+def test_segmentation_folder_bad_files_are_named_and_nothing_half_prepared_remains(tmp_path, breakage, message):
+  root = tmp_path / "data"
+  _write_folder(root, [(10, 10)] * 3)
+  breakage(root)
+  with pytest.raises(SegjaxError, match=message):
+    load_dataset(_folder_config(root, tmp_path))
+  prepared = [p for p in (tmp_path / "tfds").rglob("dataset_info.json")] if (tmp_path / "tfds").exists() else []
+  assert prepared == []
+
+
+def test_segmentation_folder_empty_folder_is_a_clear_error(tmp_path):
+  (tmp_path / "images").mkdir()
+  (tmp_path / "masks").mkdir()
+  config = _config(name="segmentation_folder", image_dir=str(tmp_path / "images"), mask_dir=str(tmp_path / "masks"))
+  with pytest.raises(SegjaxError, match="holds no images"):
+    load_dataset(config)
+
+
+def test_segmentation_folder_changed_files_are_prepared_again(tmp_path):
+  root = tmp_path / "data"
+  _write_folder(root, [(10, 10)] * 3)
+  first = load_dataset(_folder_config(root, tmp_path, validation_fraction=0.34))
+  Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks" / "img2.png")
+  os.utime(root / "masks" / "img2.png", (1, 1))
+  second = load_dataset(_folder_config(root, tmp_path, validation_fraction=0.34))
+  assert _name(first.split("validation")[0]) == "img2"
+  assert first.split("validation")[0]["mask"].max() == IGNORE_LABEL
+  assert second.split("validation")[0]["mask"].max() == 0
+
+
+def _fake_pets(self, split, **kwargs):
+  del self, kwargs
+  rng = np.random.default_rng(len(split))
+  examples = []
+  for i in range(3):
+    h, w = 20 + i, 30 - i
+    trimap = rng.integers(1, 4, (h, w, 1), dtype=np.uint8)
+    examples.append(
+      {
+        "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+        "segmentation_mask": trimap,
+        "file_name": f"{split}_{i}.jpg",
+      }
+    )
+  return examples
+
+
+@pytest.mark.parametrize("border, expected", [("ignore", IGNORE_LABEL), ("pet", 1), ("background", 0)])
+def test_oxford_iiit_pet_trimap_becomes_classes(border, expected):
+  config = _config(
+    name="oxford_iiit_pet", trimap_border=border, train_split="train", eval_split="test[:20%]", test_split="test"
+  )
+  with tfds.testing.mock_data(num_examples=3, as_data_source_fn=_fake_pets):
+    dataset = load_dataset(config)
+    assert set(dataset.splits) == {"train", "test[:20%]", "test"}
+    example = dataset.split("train")[1]
+    trimap = _fake_pets(None, "train")[1]["segmentation_mask"]
+  np.testing.assert_array_equal(example["mask"][trimap == 1], 1)
+  np.testing.assert_array_equal(example["mask"][trimap == 2], 0)
+  np.testing.assert_array_equal(example["mask"][trimap == 3], expected)
+  assert example["image"].shape[:2] == example["mask"].shape[:2]
+
+
+def test_oxford_iiit_pet_unknown_trimap_border_is_a_clear_error():
+  with pytest.raises(SegjaxError, match="unknown data.trimap_border 'edge'"):
+    load_dataset(_config(name="oxford_iiit_pet", trimap_border="edge"))

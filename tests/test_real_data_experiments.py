@@ -1,0 +1,123 @@
+"""End to end on the real-data configs, shrunk to a few steps: isbi2012_unet, dsb2018_unet and folder_unet.
+
+The ISBI and DSB runs read ``../shared/data`` (or ``$SEGJAX_DATA``) and skip when it is absent; the folder run
+writes its own small data set.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segjax.data import data_root
+from tests.test_datasets import DSB, _dsb_subset, needs_dsb, needs_isbi
+from tests.test_experiments import _run
+
+SHRINK = (
+  "--config.num_train_steps=2",
+  "--config.log_every_steps=1",
+  "--config.eval_every_steps=2",
+  "--config.checkpoint_every_steps=2",
+  "--config.num_sample_images=2",
+  "--config.num_test_images=1",
+  "--config.data.num_threads=1",
+)
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+@needs_isbi
+def test_isbi2012_unet_trains_and_reports_the_challenge_errors(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = _run(
+    "experiments.train",
+    "--config=experiments/configs/isbi2012_unet.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+    f"--config.data.manual_dir={os.path.join(data_root(), 'isbi2012')}",
+    "--config.data.crop_size=188",  # the smallest tile of the depth-4 unpadded U-Net: 188 -> 4
+    "--config.model.kwargs.base_width=4",
+    *SHRINK,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  validation = _summary(workdir)["validation"]
+  assert 0.0 <= validation["pixel_error"] <= 1.0 and 0.0 <= validation["rand_error"] <= 1.0
+  # the pixel error of whole 512x512 slices is 1 - the confusion matrix's pixel accuracy (every pixel predicted)
+  assert validation["pixel_error"] == pytest.approx(1.0 - validation["pixel_accuracy"], abs=1e-6)
+  assert "rand_error" in result.stdout
+  assert os.listdir(os.path.join(workdir, "test_images")) == ["validation_0000.png"]
+  # prediction mirrors the slice for the unpadded U-Net and returns a label map of the slice's own size
+  output = str(tmp_path / "predicted")
+  predicted = _run(
+    "experiments.predict", f"--workdir={workdir}", f"--input={workdir}/test_images", f"--output={output}"
+  )
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  with Image.open(os.path.join(output, "validation_0000_mask.png")) as mask:
+    assert mask.size == (512, 512)
+
+
+@needs_dsb
+def test_dsb2018_unet_trains_on_mixed_sizes_with_the_weight_map_and_scores_instances(tmp_path):
+  root, _ = _dsb_subset(tmp_path, count=12)
+  workdir = str(tmp_path / "run")
+  result = _run(
+    "experiments.train",
+    "--config=experiments/configs/dsb2018_unet.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+    f"--config.data.manual_dir={root}",
+    "--config.data.crop_size=64",
+    "--config.model.kwargs.base_width=4",
+    "--config.model.kwargs.depth=2",
+    *SHRINK,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = _summary(workdir)
+  for split in ("validation", "test"):
+    assert 0.0 <= summary[split]["instance_ap"] <= 1.0
+  assert "instance_ap" in result.stdout
+  assert os.path.isdir(DSB)
+
+
+def _write_folder(root, count, size=(40, 52)):
+  rng = np.random.default_rng(1)
+  for kind in ("images", "masks"):
+    (root / kind).mkdir(parents=True, exist_ok=True)
+  for i in range(count):
+    mask = np.zeros(size, np.uint8)
+    y, x = rng.integers(5, 30), rng.integers(5, 40)
+    mask[y : y + 10, x : x + 10] = 1
+    image = (mask * 180 + rng.integers(0, 60, size)).astype(np.uint8)
+    Image.fromarray(image).save(root / "images" / f"im{i}.png")
+    Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+
+
+def test_folder_unet_trains_from_flags_alone_and_refuses_to_resume_on_changed_data(tmp_path):
+  root = tmp_path / "mine"
+  _write_folder(root, 6)
+  workdir = str(tmp_path / "run")
+  args = (
+    "experiments.train",
+    "--config=experiments/configs/folder_unet.py",
+    f"--workdir={workdir}",
+    f"--config.data.image_dir={root / 'images'}",
+    f"--config.data.mask_dir={root / 'masks'}",
+    f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+    "--config.data.validation_fraction=0.34",
+    "--config.data.crop_size=32",
+    "--config.model.kwargs.depth=2",
+    "--config.model.kwargs.base_width=4",
+    "--config.batch_size=2",
+  )
+  result = _run(*args, *SHRINK)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 0.0 <= _summary(workdir)["validation"]["mean_iou"] <= 1.0
+  _write_folder(root, 9)  # three more images: the training split grows
+  resumed = _run(*args, *SHRINK[1:], "--config.num_train_steps=4")
+  assert resumed.returncode == 2
+  assert "training split had 4 examples when the checkpoint was written and has 6 now" in resumed.stderr
