@@ -13,11 +13,12 @@ import numpy as np
 
 from segjax import checkpoint
 from segjax.data.pipeline import normalize_image, pad_image_for_model
+from segjax.losses import model_outputs
 from segjax.models import create_model
-from segjax.models.geometry import Geometry, model_geometry
+from segjax.models.geometry import Geometry, eval_geometry
 from segjax.train.optim import create_optimizer
 from segjax.train.state import TrainState, create_train_state
-from segjax.train.step import predict_logits
+from segjax.train.step import predict_classes, predict_logits
 
 _logits = jax.jit(predict_logits)
 
@@ -46,21 +47,28 @@ class Predictor:
     return np.asarray(_logits(self.state, padded[None])[0, :height, :width])
 
   def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
-    """Image (H, W, C) uint8/uint16 -> class probabilities (H, W, num_classes), float32."""
-    return np.asarray(jax.nn.softmax(self.predict_logits(image), -1))
+    """Image (H, W, C) uint8/uint16 -> class probabilities (H, W, num_classes), float32.
+
+    A one-logit binary model's sigmoid p gives the two classes' probabilities (1 - p, p).
+    """
+    logits = self.predict_logits(image)
+    if logits.shape[-1] == 1:
+      p = np.asarray(jax.nn.sigmoid(logits))
+      return np.concatenate([1.0 - p, p], -1)
+    return np.asarray(jax.nn.softmax(logits, -1))
 
   def predict_labels(self, image: np.ndarray) -> np.ndarray:
     """Image (H, W, C) -> label map (H, W) of class ids, uint8."""
-    return self.predict_logits(image).argmax(-1).astype(np.uint8)
+    return np.asarray(predict_classes(self.predict_logits(image))).astype(np.uint8)
 
 
 def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none."""
   config, step = checkpoint.restore_config(workdir, step)
   info = config.dataset_info
-  model = create_model(config.model, info.num_classes)
+  model = create_model(config.model, model_outputs(config.loss, info.num_classes))
   tx = create_optimizer(config.optimizer, config.num_train_steps)
-  geometry = model_geometry(model, multiple=config.data.get("eval_size_multiple", 1))
+  geometry = eval_geometry(model, config.data)
   side = geometry.input_size_for_output(32)
   # The restore target only needs shapes: build it abstractly instead of initialising the model.
   template = jax.eval_shape(

@@ -349,6 +349,31 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+ONE_LOGIT_LOSSES = ("sigmoid_cross_entropy", "sigmoid_dice_loss")
+"""Losses of binary models with one foreground logit per pixel (instead of one logit per class)."""
+
+
+def loss_name(spec: str | Mapping[str, Any] | ml_collections.ConfigDict) -> str:
+  """The loss name of a config value (a name, or a dict with ``name``)."""
+  return spec if isinstance(spec, str) else str(spec.get("name"))
+
+
+def model_outputs(spec: str | Mapping[str, Any] | ml_collections.ConfigDict, num_classes: int) -> int:
+  """Logits per pixel the model needs for a loss: 1 for the sigmoid losses (2-class data only), else ``num_classes``.
+
+  Raises:
+    SegjaxError: for a one-logit loss on data with more than two classes.
+  """
+  if loss_name(spec) not in ONE_LOGIT_LOSSES:
+    return num_classes
+  if num_classes != 2:
+    raise SegjaxError(
+      f"loss '{loss_name(spec)}' (config key loss) is binary, but the data has {num_classes} classes; use "
+      "softmax_cross_entropy, soft_dice_loss, dice_cross_entropy or focal_loss."
+    )
+  return 1
+
+
 def loss_options(fn: LossFn) -> tuple[str, ...]:
   """The keyword-only option names of a registered loss (everything after ``logits, labels, weights``)."""
   return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)

@@ -247,3 +247,36 @@ def test_classifier_model_is_refused_for_segmentation(tmp_path, tfds_dir):
   config.model.kwargs = {}
   with pytest.raises(SegjaxError, match="model 'resnet18' .* it is a classifier"):
     train_and_evaluate(config, str(tmp_path))
+
+
+def test_one_logit_sigmoid_loss_trains_evaluates_and_predicts_two_classes(tmp_path, tfds_dir):
+  from experiments.configs import tiny
+  from segjax.data.io import read_image
+  from segjax.inference import load_predictor
+  from segjax.train.loop import train_and_evaluate
+
+  config = tiny.get_config()
+  config.data.tfds_data_dir = tfds_dir
+  config.num_train_steps = 2
+  config.loss = "sigmoid_dice_loss"
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= summary["validation"]["mean_iou"] <= 1.0
+  predictor = load_predictor(str(tmp_path))
+  image = read_image(str(tmp_path / "test_images" / "test_0000.png"), 1)
+  assert predictor.predict_logits(image).shape == (*image.shape[:2], 1)  # one foreground logit
+  probabilities = predictor.predict_probabilities(image)
+  assert probabilities.shape == (*image.shape[:2], 2)
+  np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_array_equal(predictor.predict_labels(image), probabilities[..., 1] > 0.5)
+
+
+def test_binary_loss_on_multiclass_data_is_a_clear_error(tmp_path, tfds_dir):
+  from experiments.configs import tiny
+  from segjax.errors import SegjaxError
+  from segjax.train.loop import train_and_evaluate
+
+  config = tiny.get_config("tiny_rgb")
+  config.data.tfds_data_dir = tfds_dir
+  config.loss = "sigmoid_cross_entropy"
+  with pytest.raises(SegjaxError, match="loss 'sigmoid_cross_entropy' \\(config key loss\\) is binary, but the data"):
+    train_and_evaluate(config, str(tmp_path))

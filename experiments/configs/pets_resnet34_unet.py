@@ -3,9 +3,10 @@
   python -m experiments.train --config=experiments/configs/pets_resnet34_unet.py --workdir=runs/pets
 
 Reads the standard TFDS ``oxford_iiit_pet`` data set from ``data.tfds_data_dir`` (prepare it with
-``tfds build oxford_iiit_pet`` where there is network access). The trimap's uncertain border is ignored in the loss
-and the metrics (``data.trimap_border``: 'ignore', 'pet' or 'background'). Training uses random 256x256 tiles; the
-first 20% of the test split is the validation split, the whole test split is scored at the end.
+``tfds build oxford_iiit_pet --file_format=array_record`` where there is network access). The trimap's uncertain
+border is ignored in the loss and the metrics (``data.trimap_border``: 'ignore', 'pet' or 'background'). Training
+uses random 256x256 tiles from the first 90% of the TFDS train split; its last 10% is the validation split, and the
+test split is scored at the end.
 """
 
 import ml_collections
@@ -22,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
       "name": "oxford_iiit_pet",
       "tfds_data_dir": config_dict.placeholder(str),
       "trimap_border": "ignore",
-      "train_split": "train",
-      "eval_split": "test[:20%]",
+      "train_split": "train[:90%]",
+      "eval_split": "train[90%:]",
       "test_split": "test",
       "num_threads": 4,
       "crop_size": 256,

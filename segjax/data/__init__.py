@@ -10,6 +10,7 @@ Data sets read from files (``isbi2012``, ``dsb2018``) find them in ``data.manual
 """
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +34,8 @@ class Dataset:
     splits: split name -> random-access source (``len`` and ``__getitem__`` returning a feature dict).
     same_size: whether all images have one size (else training needs ``data.crop_size``).
     has_instances: whether examples carry ``instances`` and ``border_weights``.
+    source: what the records were prepared from (the TFDS builder's full name, which names its settings and, for
+      file-based data, a fingerprint of the files); a resumed run must read the same.
   """
 
   name: str
@@ -42,6 +45,7 @@ class Dataset:
   splits: dict[str, Any]
   same_size: bool = True
   has_instances: bool = False
+  source: str = ""
 
   def split(self, name: str) -> Any:
     """The source of split ``name``; a SegjaxError names the available splits otherwise."""
@@ -136,7 +140,15 @@ def load_synthetic_cells(config: ml_collections.ConfigDict) -> Dataset:
     else ("background",) + tuple(f"class_{i}" for i in range(1, bc.num_classes))
   )
   splits = {name: builder.as_data_source(name) for name in builder.info.splits}
-  return Dataset("synthetic_cells", bc.num_classes, bc.num_channels, class_names, splits, has_instances=True)
+  return Dataset(
+    "synthetic_cells",
+    bc.num_classes,
+    bc.num_channels,
+    class_names,
+    splits,
+    has_instances=True,
+    source=builder.info.full_name,
+  )
 
 
 @register_dataset("isbi2012")
@@ -144,13 +156,12 @@ def load_isbi2012(config: ml_collections.ConfigDict) -> Dataset:
   """ISBI 2012 EM membranes (class 1 = membrane): ``train`` and ``validation`` (``data.validation_slices``)."""
   from segjax.data import isbi2012
 
-  bc = isbi2012.builder_config(tuple(config.get("validation_slices", (25, 26, 27, 28, 29))), _sigma(config))
   folder = manual_dir(config, "isbi2012")
-  isbi2012.check_manual_dir(folder)
+  bc = isbi2012.builder_config(folder, tuple(config.get("validation_slices", (25, 26, 27, 28, 29))), _sigma(config))
   builder = isbi2012.Isbi2012(config=bc, data_dir=config.get("tfds_data_dir"))
   prepare(builder, folder)
   splits = {name: builder.as_data_source(name) for name in builder.info.splits}
-  return Dataset("isbi2012", 2, 1, ("cell", "membrane"), splits, has_instances=True)
+  return Dataset("isbi2012", 2, 1, ("cell", "membrane"), splits, has_instances=True, source=builder.info.full_name)
 
 
 @register_dataset("dsb2018")
@@ -159,12 +170,20 @@ def load_dsb2018(config: ml_collections.ConfigDict) -> Dataset:
   from segjax.data import dsb2018
 
   folder = manual_dir(config, "dsb2018")
-  builder = dsb2018.Dsb2018(config=dsb2018.builder_config(_sigma(config)), data_dir=config.get("tfds_data_dir"))
-  if not builder.is_prepared():
-    dsb2018.paired_files(folder)  # fail on unpaired or mis-sized files before preparing anything
+  # Pairs and fingerprints the files first: unpaired or mis-sized files fail before anything is prepared.
+  builder = dsb2018.Dsb2018(config=dsb2018.builder_config(folder, _sigma(config)), data_dir=config.get("tfds_data_dir"))
   prepare(builder, folder)
   splits = {name: builder.as_data_source(name) for name in builder.info.splits}
-  return Dataset("dsb2018", 2, 3, ("background", "nucleus"), splits, same_size=False, has_instances=True)
+  return Dataset(
+    "dsb2018",
+    2,
+    3,
+    ("background", "nucleus"),
+    splits,
+    same_size=False,
+    has_instances=True,
+    source=builder.info.full_name,
+  )
 
 
 @register_dataset("segmentation_folder")
@@ -187,6 +206,7 @@ def load_segmentation_folder(config: ml_collections.ConfigDict) -> Dataset:
     splits,
     same_size=False,
     has_instances=bool(bc.instance_dir),
+    source=builder.info.full_name,
   )
 
 
@@ -209,27 +229,34 @@ def pet_features(features: Mapping[str, Any], border_class: int) -> dict[str, An
 def load_oxford_iiit_pet(config: ml_collections.ConfigDict) -> Dataset:
   """The standard TFDS ``oxford_iiit_pet`` (prepared in ``data.tfds_data_dir``): background / pet segmentation.
 
-  Splits are TFDS split names, slices included (e.g. ``train``, ``test[:20%]``).
+  Splits are TFDS split names, slices included (e.g. ``train[:90%]``). grain reads ArrayRecord files, so the data
+  must be prepared with ``tfds build oxford_iiit_pet --file_format=array_record``.
   """
   import tensorflow_datasets as tfds
 
   border = config.get("trimap_border", "ignore")
   if border not in PET_TRIMAP_BORDER:
     raise SegjaxError(f"unknown data.trimap_border '{border}'; use one of {', '.join(PET_TRIMAP_BORDER)}.")
-  builder = tfds.builder("oxford_iiit_pet", data_dir=config.get("tfds_data_dir"))
+  builder = tfds.builder("oxford_iiit_pet", data_dir=config.get("tfds_data_dir"), file_format="array_record")
   try:
     prepare(builder)
   except Exception as e:  # no network here: TFDS raises assorted download errors
     raise SegjaxError(
       f"oxford_iiit_pet is not prepared in '{builder.data_dir}' and could not be downloaded ({type(e).__name__}); run "
-      "`tfds build oxford_iiit_pet` where there is network access and point data.tfds_data_dir at the result."
+      "`tfds build oxford_iiit_pet --file_format=array_record` where there is network access and point "
+      "data.tfds_data_dir at the result."
     ) from e
   split_names = {config.get(k) for k in ("train_split", "eval_split", "test_split") if config.get(k)}
-  splits = {
-    name: MappedSource(builder.as_data_source(name), lambda f: pet_features(f, PET_TRIMAP_BORDER[border]))
-    for name in split_names
-  }
-  return Dataset("oxford_iiit_pet", 2, 3, ("background", "pet"), splits, same_size=False)
+  try:
+    sources = {name: builder.as_data_source(name) for name in split_names}
+  except NotImplementedError as e:  # prepared as TFRecord, which has no random access
+    raise SegjaxError(
+      f"oxford_iiit_pet in '{builder.data_dir}' is not in ArrayRecord format; rebuild it with `tfds build "
+      "oxford_iiit_pet --file_format=array_record`."
+    ) from e
+  relabel = functools.partial(pet_features, border_class=PET_TRIMAP_BORDER[border])
+  splits = {name: MappedSource(source, relabel) for name, source in sources.items()}
+  return Dataset("oxford_iiit_pet", 2, 3, ("background", "pet"), splits, same_size=False, source=builder.info.full_name)
 
 
 def _sigma(config: ml_collections.ConfigDict) -> float:

@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from segjax.data.features import SegmentationBuilder, make_example, segmentation_features
-from segjax.data.io import image_size, images_by_stem, read_image, read_label
+from segjax.data.io import files_fingerprint, images_by_stem, pair_by_stem, read_image, read_label
 from segjax.errors import SegjaxError
 
 
@@ -34,17 +34,8 @@ def paired_files(manual_dir: str) -> list[tuple[str, str, str]]:
   """Sorted (id, image path, instance path) triples; SegjaxError naming the first unpaired or mis-sized file."""
   images = images_by_stem(os.path.join(manual_dir, "images"))
   instances = images_by_stem(os.path.join(manual_dir, "instances"))
-  if missing := sorted(set(images) - set(instances)):
-    raise SegjaxError(f"dsb2018: image '{images[missing[0]]}' has no instances/{missing[0]}.png; add it or remove it.")
-  if extra := sorted(set(instances) - set(images)):
-    raise SegjaxError(f"dsb2018: '{instances[extra[0]]}' has no image in images/; add it or remove it.")
-  triples = [(stem, images[stem], instances[stem]) for stem in sorted(images)]
-  for _, image_path, instance_path in triples:
-    if image_size(image_path) != image_size(instance_path):
-      raise SegjaxError(
-        f"dsb2018: '{instance_path}' is {image_size(instance_path)} but its image is {image_size(image_path)}."
-      )
-  return triples
+  pair_by_stem(images, instances, what="instance map", folder=os.path.join(manual_dir, "instances"))
+  return [(stem, images[stem], instances[stem]) for stem in sorted(images)]
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,9 +81,12 @@ class Dsb2018(SegmentationBuilder):
       yield key, make_example(stem, image, mask, instances, border_sigma=self.builder_config.border_sigma)
 
 
-def builder_config(border_sigma: float) -> Dsb2018Config:
-  """The default config, or one named after its sigma (so its prepared data is kept apart)."""
-  default = Dsb2018.BUILDER_CONFIGS[0]
-  if border_sigma == default.border_sigma:
-    return default
-  return Dsb2018Config(name=f"sigma{border_sigma:g}".replace(".", "p"), border_sigma=float(border_sigma))
+def builder_config(manual_dir: str, border_sigma: float) -> Dsb2018Config:
+  """A config named after sigma and a fingerprint of the files, so other files or settings are prepared apart."""
+  triples = paired_files(manual_dir)
+  fingerprint = files_fingerprint([path for _, image, instances in triples for path in (image, instances)])
+  return Dsb2018Config(
+    name=f"sigma{border_sigma!r}_{fingerprint[:12]}".replace(".", "p"),
+    description=f"files of {os.path.abspath(manual_dir)}",
+    border_sigma=float(border_sigma),
+  )

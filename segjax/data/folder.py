@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from segjax.data.features import IGNORE_LABEL, SegmentationBuilder, make_example, segmentation_features
-from segjax.data.io import image_size, images_by_stem, is_sixteen_bit, read_image, read_label
+from segjax.data.io import files_fingerprint, images_by_stem, is_sixteen_bit, pair_by_stem, read_image, read_label
 from segjax.errors import SegjaxError
 
 SPLITS = ("train", "validation", "test")
@@ -148,14 +148,6 @@ def assign_splits(
   return {s: tuple(v) for s, v in splits.items()}
 
 
-def _fingerprint(paths: list[str]) -> str:
-  digest = hashlib.sha1()
-  for path in paths:
-    stat = os.stat(path)
-    digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-  return digest.hexdigest()
-
-
 def _mask_value_pairs(mask_values: Any) -> tuple[tuple[int, int], ...]:
   if not mask_values:
     return ()
@@ -172,7 +164,8 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   """Checks the folders and builds the builder config from the ``data`` config section.
 
   Every image must have a mask of the same size (and an instance map, when ``instance_dir`` is set); the first file
-  that breaks this is named in a SegjaxError, before anything is prepared.
+  that breaks this is named in a SegjaxError before anything is prepared (file headers only). Mask values without a
+  class are found while preparing; TFDS then discards the partial output.
   """
   for key in ("image_dir", "mask_dir"):
     if not data.get(key):
@@ -181,15 +174,9 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   masks = images_by_stem(data["mask_dir"])
   instance_dir = data.get("instance_dir") or ""
   instances = images_by_stem(instance_dir) if instance_dir else {}
-  for stem, path in images.items():
-    if stem not in masks:
-      raise SegjaxError(f"image '{path}' has no mask named '{stem}' in {data['mask_dir']}; add one or remove it.")
-    if image_size(masks[stem]) != image_size(path):
-      raise SegjaxError(f"mask '{masks[stem]}' is {image_size(masks[stem])} but its image is {image_size(path)}.")
-    if instance_dir and stem not in instances:
-      raise SegjaxError(f"image '{path}' has no instance map named '{stem}' in {instance_dir}.")
-  if extra := sorted(set(masks) - set(images)):
-    raise SegjaxError(f"mask '{masks[extra[0]]}' has no image named '{extra[0]}' in {data['image_dir']}.")
+  pair_by_stem(images, masks, what="mask", folder=data["mask_dir"])
+  if instance_dir:
+    pair_by_stem(images, instances, what="instance map", folder=instance_dir)
   num_channels = int(data.get("num_channels") or 1)
   if num_channels not in (1, 3):
     raise SegjaxError(f"data.num_channels must be 1 or 3, got {num_channels}.")
@@ -216,5 +203,5 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
     "border_sigma": float(data.get("border_sigma", 5.0)),
   }
   files = sorted(images.values()) + sorted(masks.values()) + sorted(instances.values())
-  digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + _fingerprint(files)).encode()).hexdigest()[:16]
+  digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + files_fingerprint(files)).encode()).hexdigest()[:16]
   return FolderConfig(name=f"f{digest}", description=f"images {settings['image_dir']}", **settings)

@@ -6,6 +6,7 @@ decoded the same way everywhere: images become (H, W, C) uint8, or uint16 for 16
 """
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -41,6 +42,29 @@ def images_by_stem(folder: str) -> dict[str, str]:
       raise SegjaxError(f"'{stems[stem]}' and '{path}' share the name '{stem}'; keep one image per name.")
     stems[stem] = path
   return stems
+
+
+def pair_by_stem(images: dict[str, str], others: dict[str, str], *, what: str, folder: str) -> None:
+  """Checks that every image has a file of kind ``what`` (mask, instance map) with its stem and size, and vice versa.
+
+  Only file headers are read. Raises a SegjaxError naming the first file that breaks the pairing.
+  """
+  for stem, path in images.items():
+    if stem not in others:
+      raise SegjaxError(f"image '{path}' has no {what} named '{stem}' in {folder}; add one or remove the image.")
+    if image_size(others[stem]) != image_size(path):
+      raise SegjaxError(f"{what} '{others[stem]}' is {image_size(others[stem])} but its image is {image_size(path)}.")
+  if extra := sorted(set(others) - set(images)):
+    raise SegjaxError(f"{what} '{others[extra[0]]}' has no image named '{extra[0]}'; add the image or remove it.")
+
+
+def files_fingerprint(paths: list[str]) -> str:
+  """A hash of the files' paths, sizes and modification times: prepared data named after it is never stale."""
+  digest = hashlib.sha1()
+  for path in sorted(paths):
+    stat = os.stat(path)
+    digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
 
 
 def _missing_folder(folder: str) -> list[str]:

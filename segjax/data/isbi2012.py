@@ -23,7 +23,7 @@ from etils import epath
 from scipy import ndimage
 
 from segjax.data.features import SegmentationBuilder, make_example, segmentation_features
-from segjax.data.io import read_image, read_label
+from segjax.data.io import files_fingerprint, read_image, read_label
 from segjax.errors import SegjaxError
 
 NUM_SLICES = 30
@@ -103,16 +103,25 @@ class Isbi2012(SegmentationBuilder):
       yield i, make_example(str(i), image, mask, instances, border_sigma=self.builder_config.border_sigma)
 
 
-def builder_config(validation_slices: tuple[int, ...], border_sigma: float) -> Isbi2012Config:
-  """The named default config, or a config named after its settings (so its prepared data is kept apart)."""
-  default = Isbi2012.BUILDER_CONFIGS[0]
+def builder_config(manual_dir: str, validation_slices: tuple[int, ...], border_sigma: float) -> Isbi2012Config:
+  """A config named after its settings and a fingerprint of the files, so other files or settings are prepared apart.
+
+  Raises:
+    SegjaxError: for bad validation slices or a missing file.
+  """
   if bad := [i for i in validation_slices if not 0 <= i < NUM_SLICES]:
     raise SegjaxError(f"isbi2012: validation slices {bad} are not in 0-29 (config key data.validation_slices).")
   if len(set(validation_slices)) in (0, NUM_SLICES):
     raise SegjaxError("isbi2012: data.validation_slices must hold some but not all of the slices 0-29.")
-  if tuple(sorted(validation_slices)) == default.validation_slices and border_sigma == default.border_sigma:
-    return default
-  name = "val_" + "_".join(map(str, sorted(set(validation_slices)))) + f"_sigma{border_sigma:g}".replace(".", "p")
+  check_manual_dir(manual_dir)
+  files = [
+    os.path.join(manual_dir, "train", kind, f"{i}.png") for kind in ("image", "label") for i in range(NUM_SLICES)
+  ]
+  slices = tuple(sorted(set(validation_slices)))
+  name = "val_" + "_".join(map(str, slices)) + f"_sigma{border_sigma!r}_{files_fingerprint(files)[:12]}"
   return Isbi2012Config(
-    name=name, validation_slices=tuple(sorted(set(validation_slices))), border_sigma=float(border_sigma)
+    name=name.replace(".", "p"),
+    description=f"files of {os.path.abspath(manual_dir)}",
+    validation_slices=slices,
+    border_sigma=float(border_sigma),
   )

@@ -83,6 +83,15 @@ def _pad(array: np.ndarray, before: tuple[int, int], after: tuple[int, int], mod
   return np.pad(array, widths, mode=mode) if mode == "reflect" else np.pad(array, widths)
 
 
+def _pad_example(example: Example, before: tuple[int, int], after: tuple[int, int]) -> Example:
+  """Pads an example's image by mirroring and its label and weights with 0 (padded pixels count nowhere)."""
+  return {
+    "image": _pad(example["image"], before, after, "reflect"),
+    "label": _pad(example["label"], before, after, "constant"),
+    "weights": _pad(example["weights"], before, after, "constant"),
+  }
+
+
 def random_crop(example: Example, rng: np.random.Generator, *, size: int, margin: int = 0) -> Example:
   """A random ``size`` x ``size`` training tile of an image of any size.
 
@@ -93,25 +102,16 @@ def random_crop(example: Example, rng: np.random.Generator, *, size: int, margin
   """
   out = size - 2 * margin
   height, width = example["label"].shape
-  grow = (max(out - height, 0), max(out - width, 0))
-  example = {
-    "image": _pad(example["image"], (0, 0), grow, "reflect"),
-    "label": _pad(example["label"], (0, 0), grow, "constant"),
-    "weights": _pad(example["weights"], (0, 0), grow, "constant"),
-  }
+  example = _pad_example(example, (0, 0), (max(out - height, 0), max(out - width, 0)))
   height, width = example["label"].shape
   top = int(rng.integers(0, height - out + 1))
   left = int(rng.integers(0, width - out + 1))
   # Crop out the output window plus the margin, mirroring only where the margin leaves the image.
   pad_before = (max(margin - top, 0), max(margin - left, 0))
   pad_after = (max(top + out + margin - height, 0), max(left + out + margin - width, 0))
-  tile = {}
-  for key, mode in (("image", "reflect"), ("label", "constant"), ("weights", "constant")):
-    window = example[key][
-      max(top - margin, 0) : min(top + out + margin, height), max(left - margin, 0) : min(left + out + margin, width)
-    ]
-    tile[key] = _pad(window, pad_before, pad_after, mode)
-  return tile
+  rows = slice(max(top - margin, 0), min(top + out + margin, height))
+  cols = slice(max(left - margin, 0), min(left + out + margin, width))
+  return _pad_example({k: v[rows, cols] for k, v in example.items()}, pad_before, pad_after)
 
 
 def train_dataset(
@@ -179,12 +179,7 @@ def pad_for_model(example: Example, geometry: Geometry) -> tuple[Example, tuple[
   """
   height, width = example["label"].shape
   before, after = model_padding(height, width, geometry)
-  padded = {
-    "image": _pad(example["image"], before, after, "reflect"),
-    "label": _pad(example["label"], before, after, "constant"),
-    "weights": _pad(example["weights"], before, after, "constant"),
-  }
-  return padded, (height, width)
+  return _pad_example(example, before, after), (height, width)
 
 
 def eval_batches(
@@ -218,7 +213,7 @@ def eval_batches(
   for index in range(len(source)):
     features = source[index]
     example, size = pad_for_model(prepare(features), geometry)
-    info = {"index": index, "size": size, **{k: np.asarray(features[k]) for k in keep}}
+    info = {"index": index, "size": size, **{k: np.asarray(features[k]) for k in keep if k in features}}
     group = groups.setdefault(example["image"].shape, [])
     group.append((example, info))
     if len(group) == batch_size:

@@ -6,6 +6,7 @@ paper (``unet_valid``) loses a fixed ``margin`` at each border and takes only ce
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 
@@ -47,3 +48,8 @@ def model_geometry(model: nn.Module, *, multiple: int = 1) -> Geometry:
     margin = (smallest - unet.valid_output_size(smallest, depth)) // 2
     return Geometry(margin=margin, fit=lambda n: unet.next_valid_input_size(n, depth))
   return Geometry(margin=0, fit=lambda n: _round_up(n, multiple))
+
+
+def eval_geometry(model: nn.Module, data_config: Any) -> Geometry:
+  """The geometry for whole images: same-padded inputs rounded up to ``data.eval_size_multiple`` (default 1)."""
+  return model_geometry(model, multiple=data_config.get("eval_size_multiple", 1))

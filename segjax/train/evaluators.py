@@ -38,6 +38,25 @@ def instance_evaluator(prediction: np.ndarray, info: dict[str, Any]) -> dict[str
 
 
 EVALUATORS: dict[str, Evaluator] = {"isbi": isbi_evaluator, "instances": instance_evaluator}
+NEEDS_INSTANCES = ("instances",)
+"""Evaluators that read the dataset's instance maps."""
+
+
+def evaluator_keys(names: Sequence[str]) -> tuple[str, ...]:
+  """The source features the named evaluators read (kept on the host during evaluation)."""
+  if not names:
+    return ()
+  return ("mask", "instances") if any(n in NEEDS_INSTANCES for n in names) else ("mask",)
+
+
+def check_evaluators(names: Sequence[str], has_instances: bool) -> None:
+  """SegjaxError before training when an evaluator needs instance maps the dataset does not have."""
+  get_evaluators(names)
+  if not has_instances and (needing := [n for n in names if n in NEEDS_INSTANCES]):
+    raise SegjaxError(
+      f"evaluator '{needing[0]}' needs a dataset with instance maps, which this dataset has not; remove it from "
+      "config evaluators."
+    )
 
 
 def get_evaluators(names: Sequence[str]) -> tuple[Evaluator, ...]:

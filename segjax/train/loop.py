@@ -33,11 +33,11 @@ from segjax.data.pipeline import (
 )
 from segjax.errors import SegjaxError
 from segjax.logging_utils import MetricWriter
-from segjax.losses import get_loss
+from segjax.losses import get_loss, model_outputs
 from segjax.metrics import summarize_confusion
 from segjax.models import create_model, get_model
-from segjax.models.geometry import Geometry, model_geometry
-from segjax.train.evaluators import get_evaluators, run_evaluators
+from segjax.models.geometry import Geometry, eval_geometry, model_geometry
+from segjax.train.evaluators import check_evaluators, evaluator_keys, get_evaluators, run_evaluators
 from segjax.train.optim import create_optimizer, create_schedule
 from segjax.train.state import TrainState, count_params, create_train_state
 from segjax.train.step import make_eval_step, make_train_step, predict_logits
@@ -79,7 +79,7 @@ def training_geometry(config: ml_collections.ConfigDict, model, dataset: Dataset
   Raises:
     SegjaxError: if images differ in size and no ``data.crop_size`` is set, or the tile does not fit the model.
   """
-  geometry = model_geometry(model, multiple=config.data.get("eval_size_multiple", 1))
+  geometry = model_geometry(model)
   crop_size = config.data.get("crop_size")
   if crop_size is None:
     if not dataset.same_size:
@@ -92,13 +92,13 @@ def training_geometry(config: ml_collections.ConfigDict, model, dataset: Dataset
         f"model '{config.model.name}' cannot take the {height}x{width} training images whole; set data.crop_size "
         f"(e.g. {geometry.fit(max(height, width))})."
       )
-    return geometry, None
+    return eval_geometry(model, config.data), None
   if geometry.fit(crop_size) != crop_size or geometry.output_size(crop_size) <= 0:
     raise SegjaxError(
       f"data.crop_size {crop_size} does not fit model '{config.model.name}'; the nearest size it takes is "
       f"{geometry.fit(crop_size)}."
     )
-  return geometry, crop_size
+  return eval_geometry(model, config.data), crop_size
 
 
 def weight_map_of(config: ml_collections.ConfigDict, dataset: Dataset, train_source: Any) -> WeightMap | None:
@@ -175,17 +175,35 @@ def restore_or_explain(manager, state: TrainState, workdir: str, config: ml_coll
     ) from e
 
 
-def data_state(config: ml_collections.ConfigDict, step: int, num_examples: int) -> dict[str, Any]:
+def data_state(config: ml_collections.ConfigDict, step: int, dataset: Dataset, num_examples: int) -> dict[str, Any]:
   """What the input pipeline needs to resume: the batch of step s is a pure function of (seed, s) over the split."""
-  return {"next_step": step, "seed": config.seed, "batch_size": config.batch_size, "num_examples": num_examples}
+  return {
+    "next_step": step,
+    "seed": config.seed,
+    "batch_size": config.batch_size,
+    "source": dataset.source,
+    "num_examples": num_examples,
+  }
 
 
-def check_data_state(saved: dict[str, Any] | None, config: ml_collections.ConfigDict, num_examples: int) -> None:
-  """Refuses to resume when the training split changed size (the batches would differ from an uninterrupted run)."""
-  if saved is not None and saved.get("num_examples") != num_examples:
+def check_data_state(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+  """Refuses to resume when the training stream would differ from the uninterrupted run's.
+
+  The stream is fixed by the seed, the batch size and the prepared training split (its source and size); a
+  SegjaxError names what changed.
+  """
+  if saved is None:
+    return
+  if saved.get("num_examples") != current["num_examples"]:
     raise SegjaxError(
       f"the training split had {saved.get('num_examples')} examples when the checkpoint was written and has "
-      f"{num_examples} now; resume with the original data or pass a new --workdir."
+      f"{current['num_examples']} now; resume with the original data or pass a new --workdir."
+    )
+  if changed := [k for k in ("seed", "batch_size", "source") if saved.get(k) != current[k]]:
+    raise SegjaxError(
+      f"the checkpoint's input stream differs from this run's in {', '.join(changed)} (was "
+      f"{', '.join(repr(saved.get(k)) for k in changed)}); resume with the original config and data or pass a new "
+      "--workdir."
     )
 
 
@@ -211,7 +229,7 @@ def evaluate(
   the host on each predicted label map, cropped to its image, and are averaged over the images.
   """
   evaluator_fns = get_evaluators(evaluators)
-  keep = ("mask", "instances") if evaluator_fns else ()
+  keep = evaluator_keys(evaluators)
   prepare = functools.partial(to_model_inputs, num_classes=num_classes)
   totals, per_image = None, []
   for batch, infos in eval_batches(source, batch_size=batch_size, prepare=prepare, geometry=geometry, keep=keep):
@@ -229,8 +247,15 @@ def evaluate(
     **summarize_confusion(totals["confusion"]),
   }
   for key in per_image[0] if per_image else ():
-    metrics[key] = float(np.mean([m[key] for m in per_image]))
+    # NaN for an image where a metric is undefined (e.g. no cells): averaged over the images where it is defined.
+    metrics[key] = _nanmean([m[key] for m in per_image])
   return metrics
+
+
+def _nanmean(values: list[float]) -> float:
+  values = np.asarray(values, np.float64)
+  values = values[~np.isnan(values)]
+  return float(values.mean()) if values.size else float("nan")
 
 
 def predict_split(
@@ -278,7 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.num_train_steps
   tx = create_optimizer(config.optimizer, total_steps)
   schedule = create_schedule(config.optimizer, total_steps)
-  model = create_model(config.model, dataset.num_classes)
+  model = create_model(config.model, model_outputs(config.loss, dataset.num_classes))
+  check_evaluators(config.get("evaluators", ()), dataset.has_instances)
   first_shape = np.asarray(train_source[0]["image"]).shape
   geometry, crop_size = training_geometry(config, model, dataset, first_shape)
   input_shape = (1, crop_size or first_shape[0], crop_size or first_shape[1], dataset.num_channels)
@@ -292,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
     state = restore_or_explain(manager, state, workdir, saved_config)
-    check_data_state(checkpoint.restore_data_state(manager, int(state.step)), config, len(train_source))
+    current = data_state(config, int(state.step), dataset, len(train_source))
+    check_data_state(checkpoint.restore_data_state(manager, int(state.step)), current)
     if is_main:
       print(f"resuming from step {int(state.step)} of {checkpoint.checkpoint_dir(workdir)}")
   start_step = int(state.step)
@@ -349,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step, "validation", val_metrics)
           bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
         if checkpoint_now:
-          checkpoint.save(manager, state, saved_config, data_state(config, step, len(train_source)))
+          checkpoint.save(manager, state, saved_config, data_state(config, step, dataset, len(train_source)))
         bar.update(1)
   finally:
     manager.wait_until_finished()

@@ -73,9 +73,16 @@ def make_loss_fn(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[jax.Ar
   return objective
 
 
+def predict_classes(logits: jax.Array) -> jax.Array:
+  """Class ids from logits (..., C): the argmax, or ``logit > 0`` (class 1) for a one-logit binary model."""
+  if logits.shape[-1] == 1:
+    return (logits[..., 0] > 0).astype(jnp.int32)
+  return jnp.argmax(logits, -1)
+
+
 def pixel_accuracy(logits: jax.Array, batch: Batch) -> jax.Array:
   """Fraction of correctly classified pixels among those with a positive weight (all pixels without weights)."""
-  correct = jnp.argmax(logits, -1) == batch["label"]
+  correct = predict_classes(logits) == batch["label"]
   if "weights" not in batch:
     return jnp.mean(correct)
   counted = batch["weights"] > 0
@@ -135,7 +142,7 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
       weights = jnp.ones(batch["label"].shape, jnp.float32)
     weight_sum = jnp.sum(weights)
     loss_sum = loss_fn(logits, batch["label"], weights) * weight_sum
-    predictions = jnp.argmax(logits, -1)
+    predictions = predict_classes(logits)
     confusion = confusion_matrix(predictions, batch["label"], num_classes, weights)
     return {"confusion": confusion, "loss_sum": loss_sum, "weight_sum": weight_sum, "predictions": predictions}
 
