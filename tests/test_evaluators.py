@@ -5,7 +5,7 @@ import pytest
 
 from segjax.errors import SegjaxError
 from segjax.metrics import instance_average_precision, isbi_scores
-from segjax.train.evaluators import get_evaluators, run_evaluators
+from segjax.train.evaluators import best_over_thresholds, get_evaluators, run_evaluators
 
 
 def test_isbi_evaluator_scores_cell_interior_with_class_one_as_membrane():
@@ -19,6 +19,19 @@ def test_isbi_evaluator_scores_cell_interior_with_class_one_as_membrane():
   assert scores["pixel_error"] == pytest.approx(1 / 36)
   assert scores["rand_error"] > 0.3  # a merge of two equal cells is a large Rand error
   assert isbi(label, {"mask": label[..., None]}) == {"pixel_error": 0.0, "rand_error": 0.0}
+
+
+def test_isbi_evaluator_sweeps_membrane_probability_thresholds():
+  label = np.zeros((6, 6), np.uint8)
+  label[:, 3] = 1
+  probability = np.where(label == 1, 0.35, 0.05)  # a faint membrane: found only below threshold 0.35
+  (isbi,) = get_evaluators(["isbi"])
+  scores = isbi((probability > 0.5).astype(np.int32), {"mask": label[..., None], "foreground_probability": probability})
+  assert set(scores) == {f"{m}/t{t / 10}" for m in ("pixel_error", "rand_error") for t in range(1, 10)}
+  assert scores["pixel_error/t0.3"] == 0.0 and scores["pixel_error/t0.4"] == pytest.approx(6 / 36)
+  best = best_over_thresholds({**scores, "mean_iou": 0.5})
+  assert best["pixel_error"] == 0.0 and best["rand_error"] == 0.0
+  assert best["pixel_error_threshold"] == 0.1 and best["mean_iou"] == 0.5
 
 
 def test_instance_evaluator_labels_components_and_drops_tiny_ones():

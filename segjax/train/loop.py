@@ -37,7 +37,13 @@ from segjax.losses import get_loss, model_outputs
 from segjax.metrics import summarize_confusion
 from segjax.models import create_model, get_model
 from segjax.models.geometry import Geometry, eval_geometry, model_geometry
-from segjax.train.evaluators import check_evaluators, evaluator_keys, get_evaluators, run_evaluators
+from segjax.train.evaluators import (
+  best_over_thresholds,
+  check_evaluators,
+  evaluator_keys,
+  get_evaluators,
+  run_evaluators,
+)
 from segjax.train.optim import create_optimizer, create_schedule
 from segjax.train.state import TrainState, count_params, create_train_state
 from segjax.train.step import make_eval_step, make_train_step, predict_logits
@@ -199,7 +205,8 @@ def check_data_state(saved: dict[str, Any] | None, current: dict[str, Any]) -> N
       f"the training split had {saved.get('num_examples')} examples when the checkpoint was written and has "
       f"{current['num_examples']} now; resume with the original data or pass a new --workdir."
     )
-  if changed := [k for k in ("seed", "batch_size", "source") if saved.get(k) != current[k]]:
+  # Keys a checkpoint was written without (older versions) are not compared.
+  if changed := [k for k in ("seed", "batch_size", "source") if k in saved and saved[k] != current[k]]:
     raise SegjaxError(
       f"the checkpoint's input stream differs from this run's in {', '.join(changed)} (was "
       f"{', '.join(repr(saved.get(k)) for k in changed)}); resume with the original config and data or pass a new "
@@ -235,12 +242,16 @@ def evaluate(
   for batch, infos in eval_batches(source, batch_size=batch_size, prepare=prepare, geometry=geometry, keep=keep):
     out = eval_step(state, jax.device_put(batch))
     predictions = out.pop("predictions")
+    probabilities = out.pop("foreground_probability", None)
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     if evaluator_fns:
       predictions = np.asarray(predictions)
-      for prediction, info in zip(predictions, infos, strict=False):
+      probabilities = None if probabilities is None else np.asarray(probabilities)
+      for i, info in enumerate(infos):
         height, width = info["size"]
-        per_image.append(run_evaluators(evaluator_fns, prediction[:height, :width], info))
+        if probabilities is not None:
+          info = {**info, "foreground_probability": probabilities[i, :height, :width]}
+        per_image.append(run_evaluators(evaluator_fns, predictions[i, :height, :width], info))
   totals = jax.device_get(totals)
   metrics = {
     "loss": float(totals["loss_sum"] / max(totals["weight_sum"], 1.0)),
@@ -249,7 +260,7 @@ def evaluate(
   for key in per_image[0] if per_image else ():
     # NaN for an image where a metric is undefined (e.g. no cells): averaged over the images where it is defined.
     metrics[key] = _nanmean([m[key] for m in per_image])
-  return metrics
+  return best_over_thresholds(metrics)
 
 
 def _nanmean(values: list[float]) -> float:

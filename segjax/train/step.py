@@ -80,6 +80,13 @@ def predict_classes(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, -1)
 
 
+def foreground_probability(logits: jax.Array) -> jax.Array:
+  """Probability of class 1 of a two-class model: softmax of two logits, or the sigmoid of one."""
+  if logits.shape[-1] == 1:
+    return jax.nn.sigmoid(logits[..., 0].astype(jnp.float32))
+  return jax.nn.softmax(logits.astype(jnp.float32), -1)[..., 1]
+
+
 def pixel_accuracy(logits: jax.Array, batch: Batch) -> jax.Array:
   """Fraction of correctly classified pixels among those with a positive weight (all pixels without weights)."""
   correct = predict_classes(logits) == batch["label"]
@@ -129,9 +136,10 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
   """Builds the pure eval step.
 
   Returns:
-    ``eval_step(state, batch) -> {'confusion', 'loss_sum', 'weight_sum', 'predictions'}``: sums to be added up over
-    the split, and the predicted label maps (B, H', W') for per-image metrics on the host. The batch's ``weights``
-    (0 for padding) exclude pixels from every sum.
+    ``eval_step(state, batch) -> {'confusion', 'loss_sum', 'weight_sum', 'predictions'}`` (and
+    ``'foreground_probability'`` for two-class models): sums to be added up over the split, and the predicted label
+    maps (B, H', W') and class-1 probabilities for per-image metrics on the host. The batch's ``weights`` (0 for
+    padding) exclude pixels from every sum.
   """
 
   def eval_step(state: TrainState, batch: Batch):
@@ -144,6 +152,9 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
     loss_sum = loss_fn(logits, batch["label"], weights) * weight_sum
     predictions = predict_classes(logits)
     confusion = confusion_matrix(predictions, batch["label"], num_classes, weights)
-    return {"confusion": confusion, "loss_sum": loss_sum, "weight_sum": weight_sum, "predictions": predictions}
+    out = {"confusion": confusion, "loss_sum": loss_sum, "weight_sum": weight_sum, "predictions": predictions}
+    if logits.shape[-1] <= 2:  # two classes: class 1's probability, for metrics taken over thresholds
+      out["foreground_probability"] = foreground_probability(logits)
+    return out
 
   return eval_step
