@@ -7,14 +7,25 @@ to rebuild the model for prediction, and ``data_state`` (JSON: where the input p
 """
 
 import os
+import shutil
+import sys
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as preservation
 
 from segjax.errors import SegjaxError
 from segjax.train.state import TrainState
+
+ITEMS = ("state", "config", "data_state")
+
+COMPATIBILITY_SECTIONS = ("model", "optimizer", "data", "dataset_info", "ema_decay", "half_precision")
+"""Config keys whose change can make a saved state not fit the model: compared when a restore fails."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -22,15 +33,42 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def create_manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager for ``<workdir>/checkpoints`` keeping the last ``max_to_keep`` steps.
+def create_manager(
+  workdir: str,
+  *,
+  max_to_keep: int = 3,
+  best_metric: str | None = None,
+  best_mode: str = "max",
+  keep_best: int = 1,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
+  """A CheckpointManager for ``<workdir>/checkpoints``, saving asynchronously.
 
-  ``read_only`` opens existing checkpoints for restoring only: nothing is created, and nothing may be saved.
+  Args:
+    workdir: the run directory.
+    max_to_keep: the newest checkpoints kept (for resuming).
+    best_metric: a validation metric (e.g. ``'mean_iou'``); the ``keep_best`` checkpoints with the best values of it
+      are kept as well, whatever their age. None keeps only the newest.
+    best_mode: ``'max'`` or ``'min'``: whether larger values of ``best_metric`` are better.
+    keep_best: how many best checkpoints to keep.
+    read_only: open existing checkpoints for restoring only: nothing is created, and nothing may be saved.
   """
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=not read_only
-  )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config", "data_state"))
+  if read_only:
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False, read_only=True)
+  elif best_metric:
+    get_metric = lambda metrics: metrics[best_metric]  # noqa: E731
+    policy = preservation.AnyPreservationPolicy(
+      [
+        preservation.LatestN(n=max_to_keep),
+        preservation.BestN(
+          get_metric_fn=get_metric, reverse=best_mode == "min", n=keep_best, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=get_metric, best_mode=best_mode)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save(
@@ -38,16 +76,86 @@ def save(
   state: TrainState,
   config: ml_collections.ConfigDict,
   data_state: dict[str, Any] | None = None,
+  metrics: dict[str, float] | None = None,
 ) -> None:
-  """Starts saving ``state`` (at its own step), ``config`` and ``data_state``; returns before the write completes."""
-  step = int(state.step)
+  """Starts saving ``state`` (at its own step), ``config`` and ``data_state``; returns before the write completes.
+
+  ``metrics`` (validation metrics of this step) rank the checkpoint for the manager's ``best_metric``; a checkpoint
+  saved without them is kept only while it is among the newest.
+  """
+  step = int(np.asarray(state.step.addressable_data(0)))  # readable on every process of a multi-host run
   items = {
     "state": ocp.args.StandardSave(serialization.to_state_dict(state)),
     "config": ocp.args.JsonSave(config.to_dict()),
   }
   if data_state is not None:
     items["data_state"] = ocp.args.JsonSave(data_state)
-  manager.save(step, args=ocp.args.Composite(**items))
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def best_step(workdir: str, metric: str, mode: str = "max") -> int | None:
+  """The step of the saved checkpoint with the best validation ``metric`` (None if none has it)."""
+  manager = create_manager(workdir, read_only=True)
+  scored = {}
+  for step in manager.all_steps():
+    metrics = manager.metrics(step)
+    if metrics and metric in metrics and np.isfinite(metrics[metric]):
+      scored[step] = metrics[metric]
+  manager.close()
+  if not scored:
+    return None
+  return (max if mode == "max" else min)(scored, key=scored.get)
+
+
+def restore_latest(
+  manager: ocp.CheckpointManager, template: TrainState, config: ml_collections.ConfigDict
+) -> tuple[TrainState, dict[str, Any] | None] | None:
+  """Restores the newest checkpoint that reads back, moving damaged ones aside.
+
+  A checkpoint whose files cannot be read (cut short, truncated, deleted parts) is renamed to ``<step>.damaged``
+  with a warning naming it, and the next older one is tried. A checkpoint that reads but does not fit ``template``
+  is refused: its config is compared with ``config`` and the SegjaxError names the differing keys.
+
+  Returns:
+    ``(state, data_state)``, or None when no checkpoint is left.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved = ml_collections.ConfigDict(
+        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      )
+    except Exception as e:  # noqa: BLE001 - any failure to read the config means damaged files
+      _set_aside(manager, step, e)
+      continue
+    differing = config_differences(saved, config, sections=COMPATIBILITY_SECTIONS)
+    try:
+      return restore_state(manager, template, step), restore_data_state(manager, step)
+    except Exception as e:  # Orbax raises assorted errors for missing files and for structure or shape mismatches
+      if not differing:
+        _set_aside(manager, step, e)
+        continue
+      raise SegjaxError(
+        f"the checkpoint at step {step} in '{manager.directory}' does not fit this config (differing keys: "
+        f"{', '.join(differing)}); resume with the original config or pass a new --workdir."
+      ) from e
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Renames a damaged step directory so that it is neither restored nor deleted, and warns once (process 0)."""
+  source = os.path.join(str(manager.directory), str(step))
+  target = f"{source}.damaged"
+  if jax.process_index() == 0:
+    os.replace(source, target) if not os.path.exists(target) else shutil.rmtree(source)
+    message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    print(
+      f"warning: checkpoint at step {step} is damaged ({message}); moved it to {target} and trying the previous one.",
+      file=sys.stderr,
+      flush=True,
+    )
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"segjax set aside checkpoint {step}")
+  manager.reload()
 
 
 def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ internally), so whole images are predicted in one jitted call per distinct shape
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -17,7 +18,7 @@ from segjax.losses import model_outputs
 from segjax.models import create_model
 from segjax.models.geometry import Geometry, eval_geometry
 from segjax.train.optim import create_optimizer
-from segjax.train.state import TrainState, create_train_state
+from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
 from segjax.train.step import predict_classes, predict_logits
 
 _logits = jax.jit(predict_logits)
@@ -66,15 +67,24 @@ def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none."""
   config, step = checkpoint.restore_config(workdir, step)
   info = config.dataset_info
-  model = create_model(config.model, model_outputs(config.loss, info.num_classes))
+  model = create_model(config.model, model_outputs(config.loss, info.num_classes), dtype=compute_dtype(config))
   tx = create_optimizer(config.optimizer, config.num_train_steps)
   geometry = eval_geometry(model, config.data)
   side = geometry.input_size_for_output(32)
+  loss_scale = LossScale.create() if compute_dtype(config) == jnp.float16 else None
   # The restore target only needs shapes: build it abstractly instead of initialising the model.
   template = jax.eval_shape(
-    lambda: create_train_state(jax.random.PRNGKey(0), model, tx, (1, side, side, info.num_channels))
+    lambda: create_train_state(
+      jax.random.PRNGKey(0),
+      model,
+      tx,
+      (1, side, side, info.num_channels),
+      ema=config.get("ema_decay", 0.0) > 0,
+      loss_scale=loss_scale,
+    )
   )
   manager = checkpoint.create_manager(workdir, read_only=True)
   state = checkpoint.restore_state(manager, template, step)
   manager.close()
-  return Predictor(config=config, state=state, step=step, geometry=geometry)
+  # A run with EMA was evaluated with the averaged weights: predict with them too.
+  return Predictor(config=config, state=state.for_eval(), step=step, geometry=geometry)

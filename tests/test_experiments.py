@@ -164,7 +164,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, tfd
   config.num_train_steps = 6
   config.optimizer.learning_rate = 1e30  # same state structure, so it resumes, then blows up
   config.log_every_steps = 1
-  with pytest.raises(SegjaxError, match=r"non-finite loss or gradient .* step 4; the last checkpoint is kept"):
+  with pytest.raises(
+    SegjaxError, match=r"non-finite loss, gradient or parameters at step 4 \(.*\); the last checkpoint is kept"
+  ):
     train_and_evaluate(config, str(tmp_path))
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3]
 

@@ -48,13 +48,26 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.end_learning_rate_factor = 0.01
   config.optimizer.grad_clip_norm = 1.0
 
+  # Scale-out and precision (segjax.train.parallel): 'jit' shards the global batch over a device Mesh; 'pmap' runs
+  # the same step under jax.pmap. half_precision: bfloat16 (or float16 with dynamic loss scaling) activations with
+  # float32 parameters and optimizer state.
+  config.parallelism = "jit"
+  config.half_precision = False
+  config.half_precision_dtype = "bfloat16"
+  config.grad_accum_steps = 1  # micro-batches per step; batch_size is the whole step's batch
+  config.ema_decay = 0.0  # e.g. 0.999: evaluate an exponential moving average of the weights; 0 turns it off
+
   config.batch_size = 8
   config.eval_batch_size = 16
   config.num_train_steps = 800
   config.log_every_steps = 25
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200
-  config.max_checkpoints_to_keep = 3
+  config.max_checkpoints_to_keep = 3  # the newest, for resuming
+  # ...plus the best by this validation metric ('' keeps only the newest); saved at steps that also evaluate.
+  config.checkpoint_best_metric = "mean_iou"
+  config.checkpoint_best_mode = "max"
+  config.max_best_checkpoints_to_keep = 1
   config.num_sample_images = 6
   config.num_test_images = 16
   return config

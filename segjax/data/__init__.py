@@ -81,14 +81,22 @@ def prepare(builder: Any, manual_dir: str | None = None) -> None:
   """Prepares a TFDS builder's data once (a no-op when already prepared), saying so in one line.
 
   TFDS writes into a temporary directory and renames it when complete, so a failed preparation leaves nothing that
-  looks prepared; the next run starts again.
+  looks prepared; the next run starts again. In a multi-process job only process 0 prepares; the others wait.
   """
+  import jax
   import tensorflow_datasets as tfds
 
-  if not builder.is_prepared():
+  # Several processes (multi-host, shared file system): process 0 prepares, the others wait for it and then read.
+  if not builder.is_prepared() and jax.process_index() == 0:
     print(f"preparing {builder.info.full_name} in {builder.data_dir} ...", flush=True)
     tfds.display_progress_bar(False)  # one line instead of per-split bars that garble the training bar
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"segjax prepared {builder.info.full_name}")
+    if jax.process_index() != 0:
+      builder.info.read_from_directory(builder.data_dir)
 
 
 def data_root() -> str:

@@ -492,7 +492,9 @@ def make_augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, E
   of an example gets the ``i``-th key of its key's split, whether or not geometric ops are composed.
 
   Returns:
-    The batched function (one key per example, via ``vmap``), or None when no op is configured, so the train step
+    The batched function ``augment(key, batch, *, axis_name=None)`` (example ``i`` of the batch gets the ``i``-th key
+    of ``split(key, batch size)``, via ``vmap``; under ``pmap`` over ``axis_name``, the key of its row in the global
+    batch), or None when no op is configured, so the train step
     skips augmentation entirely.
 
   Raises:
@@ -530,8 +532,13 @@ def make_augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, E
       example, keys = stage(keys[:count], example), keys[count:]
     return example
 
-  def augment(key: jax.Array, batch: Example) -> Example:
-    keys = jax.random.split(key, batch["image"].shape[0])
+  def augment(key: jax.Array, batch: Example, *, axis_name: str | None = None) -> Example:
+    count = batch["image"].shape[0]
+    if axis_name is None:
+      keys = jax.random.split(key, count)
+    else:  # this device's rows of the global batch get the keys they would get in one global batch
+      keys = jax.random.split(key, count * jax.lax.axis_size(axis_name))
+      keys = jax.lax.dynamic_slice_in_dim(keys, jax.lax.axis_index(axis_name) * count, count)
     return jax.vmap(augment_one)(keys, batch)
 
   return augment

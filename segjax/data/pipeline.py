@@ -127,6 +127,9 @@ def train_dataset(
 ) -> grain.MapDataset:
   """An infinite dataset whose element ``s`` is this process's part of the global training batch of step ``s``.
 
+  Process ``p`` of ``P`` reads only rows ``[p B/P, (p + 1) B/P)`` of the global batch ``B``: the rows its devices
+  hold in the global array (:func:`segjax.train.parallel.global_batch`).
+
   Args:
     source: a random-access source of feature dicts (``len`` and ``__getitem__``).
     batch_size: the GLOBAL batch size; must be divisible by ``process_count``.
@@ -146,8 +149,9 @@ def train_dataset(
   if crop_size is not None:
     # Seeded by (seed, global element index): the same tile whatever the number of processes or threads.
     ds = ds.random_map(lambda example, rng: random_crop(example, rng, size=crop_size, margin=margin), seed=seed)
-  ds = ds[process_index::process_count]
-  return ds.batch(batch_size // process_count, drop_remainder=True)
+  # Chunks of the per-process size; process p takes chunk p of every P: rows [p b, (p + 1) b) of each global batch,
+  # so the global batch has the same rows in the same order whatever the number of processes.
+  return ds.batch(batch_size // process_count, drop_remainder=True)[process_index::process_count]
 
 
 def train_batches(dataset: grain.MapDataset, *, start_step: int = 0, num_threads: int = 2) -> Iterator[Example]:
@@ -224,11 +228,18 @@ def eval_batches(
       yield flush(group)
 
 
-def prefetch_to_device(batches: Iterator[Any], size: int = 2, sharding: Any = None) -> Iterator[Any]:
-  """Keeps ``size`` batches in flight to the device(s) so host-to-device copies overlap with compute."""
+def prefetch_to_device(
+  batches: Iterator[Any], size: int = 2, place: Callable[[Any], Any] | None = None
+) -> Iterator[Any]:
+  """Keeps ``size`` batches in flight to the device(s) so host-to-device copies overlap with compute.
+
+  ``place`` puts one host batch on the devices (default ``jax.device_put``); the training loop passes the one that
+  shards it over the mesh (:func:`segjax.train.parallel.compile_train_step`).
+  """
+  place = place or jax.device_put
   queue = []
   for batch in batches:
-    queue.append(jax.device_put(batch, sharding))
+    queue.append(place(batch))
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue

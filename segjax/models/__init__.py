@@ -85,9 +85,13 @@ def create(name: str, **overrides) -> nn.Module:
   return get_model(name, **overrides)
 
 
-def create_model(config: Any, num_classes: int) -> nn.Module:
-  """The model of a config's ``model`` section: ``get_model(config.name, num_classes=..., **config.kwargs)``."""
-  return get_model(config.name, num_classes=num_classes, **config.get("kwargs", {}))
+def create_model(config: Any, num_classes: int, **overrides) -> nn.Module:
+  """The model of a config's ``model`` section: ``get_model(config.name, num_classes=..., **config.kwargs)``.
+
+  ``overrides`` set attributes the run decides rather than the model config, e.g. ``dtype`` (half precision) or
+  ``bn_axis_name`` (pmap).
+  """
+  return get_model(config.name, num_classes=num_classes, **{**config.get("kwargs", {}), **overrides})
 
 
 # Imported last: these modules register themselves with the registry defined above.

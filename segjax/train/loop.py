@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from segjax import checkpoint, viz
@@ -37,6 +39,7 @@ from segjax.losses import get_loss, model_outputs
 from segjax.metrics import summarize_confusion
 from segjax.models import create_model, get_model
 from segjax.models.geometry import Geometry, eval_geometry, model_geometry
+from segjax.train import parallel
 from segjax.train.evaluators import (
   best_over_thresholds,
   check_evaluators,
@@ -45,7 +48,8 @@ from segjax.train.evaluators import (
   run_evaluators,
 )
 from segjax.train.optim import create_optimizer, create_schedule
-from segjax.train.state import TrainState, count_params, create_train_state
+from segjax.train.preemption import Preemption
+from segjax.train.state import LossScale, TrainState, compute_dtype, count_params, create_train_state
 from segjax.train.step import make_eval_step, make_train_step, predict_logits
 
 POSITIVE_KEYS = (
@@ -77,6 +81,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   crop_size = config.data.get("crop_size")
   if crop_size is not None and (not isinstance(crop_size, int) or crop_size <= 0):
     raise SegjaxError(f"config key data.crop_size must be a positive integer or None, got {crop_size!r}.")
+  if config.get("parallelism", "jit") not in parallel.PARALLELISMS:
+    raise SegjaxError(
+      f"unknown parallelism '{config.parallelism}' (config key parallelism); available: "
+      f"{', '.join(parallel.PARALLELISMS)}."
+    )
+  compute_dtype(config)
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum <= 0:
+    raise SegjaxError(f"config key grad_accum_steps must be a positive integer, got {accum!r}.")
+  if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
+    raise SegjaxError(f"config key ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay!r}.")
+  if config.get("checkpoint_best_mode", "max") not in ("max", "min"):
+    raise SegjaxError(f"config key checkpoint_best_mode must be 'max' or 'min', got {config.checkpoint_best_mode!r}.")
+
+
+def check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
+  """The global batch must split over the devices, and each device's share over the gradient micro-batches."""
+  parallel.check_batch_size(config.batch_size, mesh)
+  accum = config.get("grad_accum_steps", 1)
+  per_device = config.batch_size // mesh.size
+  if per_device % accum:
+    raise SegjaxError(
+      f"batch_size {config.batch_size} over {mesh.size} devices gives {per_device} examples per device, which do "
+      f"not split into grad_accum_steps={accum} micro-batches; make batch_size a multiple of {mesh.size * accum}."
+    )
 
 
 def training_geometry(config: ml_collections.ConfigDict, model, dataset: Dataset, first_image_shape) -> tuple:
@@ -168,19 +197,6 @@ def run_config(
   return saved
 
 
-def restore_or_explain(manager, state: TrainState, workdir: str, config: ml_collections.ConfigDict) -> TrainState:
-  """Restores the latest checkpoint; if it does not fit this config, a SegjaxError names the differing keys."""
-  try:
-    return checkpoint.restore_state(manager, state)
-  except Exception as e:  # Orbax raises assorted errors for structure or shape mismatches
-    saved, step = checkpoint.restore_config(workdir)
-    differing = checkpoint.config_differences(saved, config, sections=("model", "optimizer", "data"))
-    raise SegjaxError(
-      f"the checkpoint at step {step} in '{checkpoint.checkpoint_dir(workdir)}' does not fit this config (differing "
-      f"keys: {', '.join(differing) or 'none found'}); resume with the original config or pass a new --workdir."
-    ) from e
-
-
 def data_state(config: ml_collections.ConfigDict, step: int, dataset: Dataset, num_examples: int) -> dict[str, Any]:
   """What the input pipeline needs to resume: the batch of step s is a pure function of (seed, s) over the split."""
   return {
@@ -214,10 +230,24 @@ def check_data_state(saved: dict[str, Any] | None, current: dict[str, Any]) -> N
     )
 
 
-def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Host-side means of per-step metric dicts (one device-to-host transfer for the whole list)."""
-  history = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+def mean_metrics(history: list[tuple[int, dict[str, jax.Array]]], *, loss_scaled: bool = False) -> dict[str, float]:
+  """Host-side means of per-step metric dicts (one device-to-host transfer for the whole list).
+
+  Raises:
+    SegjaxError: naming the first step whose loss, gradient or parameter norm is not finite. With float16 loss
+      scaling a step with non-finite gradients was skipped (and counted in ``skipped``); only the parameters count.
+  """
+  steps = [step for step, _ in history]
+  values = jax.device_get([m for _, m in history])
+  checked = ("param_norm",) if loss_scaled else ("loss", "grad_norm", "param_norm")
+  for step, m in zip(steps, values, strict=True):
+    if not all(np.isfinite(m[k]) for k in checked):
+      raise SegjaxError(
+        f"non-finite loss, gradient or parameters at step {step} (loss {float(m['loss'])}, grad_norm "
+        f"{float(m['grad_norm'])}, param_norm {float(m['param_norm'])}); the last checkpoint is kept. Lower "
+        "optimizer.learning_rate or set optimizer.grad_clip_norm."
+      )
+  return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
 
 
 def evaluate(
@@ -229,18 +259,29 @@ def evaluate(
   num_classes: int,
   geometry: Geometry,
   evaluators: tuple[str, ...] = (),
+  mesh: Mesh | None = None,
 ) -> dict[str, float]:
   """Runs ``eval_step`` over a whole split and returns the split's loss and metrics.
 
-  Confusion counts and losses are summed on device; the per-image ``evaluators`` (e.g. the ISBI Rand error) run on
-  the host on each predicted label map, cropped to its image, and are averaged over the images.
+  With several processes, process p evaluates images p, p + P, ...; within a process each batch is split over its
+  devices of ``mesh`` (padded with zero-weight examples to a multiple of their number). Confusion counts and losses
+  are summed on device, then over processes; the per-image ``evaluators`` (e.g. the ISBI Rand error) run on the host
+  on each predicted label map, cropped to its image, and are averaged over all images of the split.
+
+  Args:
+    state: the state to evaluate, on this process's devices of ``mesh`` (:func:`segjax.train.parallel.to_local`).
+    mesh: the training mesh; None evaluates on the default device.
   """
   evaluator_fns = get_evaluators(evaluators)
   keep = evaluator_keys(evaluators)
   prepare = functools.partial(to_model_inputs, num_classes=num_classes)
+  if jax.process_count() > 1:
+    source = _Strided(source, jax.process_index(), jax.process_count())
+  devices = parallel.local_devices(mesh) if mesh is not None else jax.local_devices()[:1]
+  sharding = parallel.batch_sharded(Mesh(np.asarray(devices), (parallel.DATA_AXIS,)))
   totals, per_image = None, []
   for batch, infos in eval_batches(source, batch_size=batch_size, prepare=prepare, geometry=geometry, keep=keep):
-    out = eval_step(state, jax.device_put(batch))
+    out = eval_step(state, jax.device_put(_pad_examples(batch, len(devices)), sharding))
     predictions = out.pop("predictions")
     probabilities = out.pop("foreground_probability", None)
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
@@ -252,15 +293,51 @@ def evaluate(
         if probabilities is not None:
           info = {**info, "foreground_probability": probabilities[i, :height, :width]}
         per_image.append(run_evaluators(evaluator_fns, predictions[i, :height, :width], info))
-  totals = jax.device_get(totals)
+  if totals is None:  # a process with no image of this split
+    totals = {"confusion": np.zeros((num_classes, num_classes), np.float32), "loss_sum": 0.0, "weight_sum": 0.0}
+  totals = jax.tree_util.tree_map(np.asarray, jax.device_get(totals))
+  if jax.process_count() > 1:
+    totals = jax.tree_util.tree_map(lambda x: multihost_utils.process_allgather(x).sum(0), totals)
+    per_image = [m for part in _allgather_json(per_image) for m in part]
   metrics = {
-    "loss": float(totals["loss_sum"] / max(totals["weight_sum"], 1.0)),
+    "loss": float(totals["loss_sum"] / max(float(totals["weight_sum"]), 1.0)),
     **summarize_confusion(totals["confusion"]),
   }
   for key in per_image[0] if per_image else ():
     # NaN for an image where a metric is undefined (e.g. no cells): averaged over the images where it is defined.
     metrics[key] = _nanmean([m[key] for m in per_image])
   return best_over_thresholds(metrics)
+
+
+class _Strided:
+  """Examples ``start, start + step, ...`` of a random-access source."""
+
+  def __init__(self, source: Any, start: int, step: int):
+    self._source, self._indices = source, range(start, len(source), step)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> Any:
+    return self._source[self._indices[index]]
+
+
+def _pad_examples(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """Pads a batch with all-zero examples (weight 0: they count nowhere) to a multiple of ``multiple`` examples."""
+  missing = -len(batch["image"]) % multiple
+  if not missing:
+    return batch
+  return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON-serialisable ``value``, in process order (a collective: all processes must call it)."""
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[: data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n])) for row, n in zip(gathered, lengths, strict=True)]
 
 
 def _nanmean(values: list[float]) -> float:
@@ -286,18 +363,25 @@ def predict_split(
   return images, labels, predictions
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.Device] | None = None
+) -> dict[str, Any]:
   """Trains, evaluates, checkpoints and writes the run's outputs into ``workdir``.
 
   Running it again on the same workdir resumes from the latest checkpoint (and, when training had finished, only
-  redoes the final evaluation and outputs).
+  redoes the final evaluation and outputs). SIGTERM (preemption) makes it checkpoint the current step and return.
+  Training is data-parallel over ``devices`` (:mod:`segjax.train.parallel`); with several processes
+  (``jax.distributed``) every process runs this function, reads its rows of each batch and joins the collective
+  checkpoint writes, and only process 0 writes logs and pictures.
 
   Args:
     config: the experiment config (see ``experiments/configs/synthetic_cells.py`` for every key).
     workdir: the run directory; created if missing.
+    devices: the devices to train on; default all devices of all processes.
 
   Returns:
-    The final summary: ``{'validation': metrics, 'test': metrics, 'steps', 'train_seconds_this_run', ...}``.
+    The final summary: ``{'validation': metrics, 'test': metrics, 'steps', 'train_seconds_this_run', ...}``, or
+    ``{'preempted': True, 'steps': ...}`` after a SIGTERM.
 
   Raises:
     SegjaxError: for bad config values, an unknown model/dataset/loss name, an unwritable workdir, a checkpoint that
@@ -306,6 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_config(config)
   check_workdir(workdir)
   is_main = jax.process_index() == 0
+  mesh = parallel.create_mesh(devices)
+  check_divisible(config, mesh)
+  use_pmap = config.get("parallelism", "jit") == "pmap"
   dataset = load_dataset(config.data)
   train_source = dataset.split(config.data.train_split)
   eval_source = dataset.split(config.data.eval_split)
@@ -314,29 +401,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.num_train_steps
   tx = create_optimizer(config.optimizer, total_steps)
   schedule = create_schedule(config.optimizer, total_steps)
-  model = create_model(config.model, model_outputs(config.loss, dataset.num_classes))
+  dtype = compute_dtype(config)
+  overrides = {"dtype": dtype} | ({"bn_axis_name": parallel.DATA_AXIS} if use_pmap else {})
+  model = create_model(config.model, model_outputs(config.loss, dataset.num_classes), **overrides)
   check_evaluators(config.get("evaluators", ()), dataset.has_instances)
   first_shape = np.asarray(train_source[0]["image"]).shape
   geometry, crop_size = training_geometry(config, model, dataset, first_shape)
   input_shape = (1, crop_size or first_shape[0], crop_size or first_shape[1], dataset.num_channels)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape)
+  ema_decay = config.get("ema_decay", 0.0)
+  loss_scale = LossScale.create() if dtype == jnp.float16 else None
+  state = create_train_state(
+    jax.random.PRNGKey(config.seed), model, tx, input_shape, ema=ema_decay > 0, loss_scale=loss_scale
+  )
   check_segmentation_output(state, input_shape, config.model.name)
+  if not use_pmap:  # pmap takes the state as it is (in_axes=None); jit wants it replicated over the mesh
+    state = parallel.replicate(state, mesh)
   weight_map = weight_map_of(config, dataset, train_source)
   if is_main:
-    print(f"model {config.model.name}: {count_params(state.params):,} parameters; workdir {workdir}")
+    print(
+      f"model {config.model.name}: {count_params(state.params):,} parameters; {mesh.size} devices in "
+      f"{jax.process_count()} processes ({config.get('parallelism', 'jit')}); workdir {workdir}"
+    )
 
   saved_config = run_config(config, dataset, weight_map)
-  manager = checkpoint.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
-  if manager.latest_step() is not None:
-    state = restore_or_explain(manager, state, workdir, saved_config)
-    current = data_state(config, int(state.step), dataset, len(train_source))
-    check_data_state(checkpoint.restore_data_state(manager, int(state.step)), current)
+  best_metric = config.get("checkpoint_best_metric") or None
+  manager = checkpoint.create_manager(
+    workdir,
+    max_to_keep=config.max_checkpoints_to_keep,
+    best_metric=best_metric,
+    best_mode=config.get("checkpoint_best_mode", "max"),
+    keep_best=config.get("max_best_checkpoints_to_keep", 1),
+  )
+  restored = checkpoint.restore_latest(manager, state, saved_config) if manager.all_steps() else None
+  if restored is not None:
+    state, saved_data_state = restored
+    check_data_state(saved_data_state, data_state(config, int(parallel.fetch(state.step)), dataset, len(train_source)))
     if is_main:
-      print(f"resuming from step {int(state.step)} of {checkpoint.checkpoint_dir(workdir)}")
-  start_step = int(state.step)
+      print(f"resuming from step {int(parallel.fetch(state.step))} of {checkpoint.checkpoint_dir(workdir)}")
+  start_step = int(parallel.fetch(state.step))
 
   loss_fn = get_loss(config.loss)
-  train_step = jax.jit(make_train_step(loss_fn, make_augment_fn(config.augment)), donate_argnums=0)
+  step_fn = make_train_step(
+    loss_fn,
+    make_augment_fn(config.augment),
+    axis_name=parallel.DATA_AXIS if use_pmap else None,
+    grad_accum_steps=config.get("grad_accum_steps", 1),
+    ema_decay=ema_decay,
+  )
+  train_step, place_batch = parallel.compile_train_step(step_fn, mesh, config.get("parallelism", "jit"))
   eval_step = jax.jit(make_eval_step(loss_fn, dataset.num_classes))
   evaluate_split = functools.partial(
     evaluate,
@@ -345,7 +457,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_classes=dataset.num_classes,
     geometry=geometry,
     evaluators=tuple(config.get("evaluators", ())),
+    mesh=mesh,
   )
+  local_eval_state = lambda: parallel.to_local(state.for_eval(), mesh)  # noqa: E731
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
   dataset_of_steps = train_dataset(
     train_source,
@@ -358,56 +472,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process_count=jax.process_count(),
   )
   batches = prefetch_to_device(
-    train_batches(dataset_of_steps, start_step=start_step, num_threads=config.data.num_threads)
+    train_batches(dataset_of_steps, start_step=start_step, num_threads=config.data.num_threads), place=place_batch
   )
 
   train_start = time.perf_counter()
-  pending: list[dict[str, jax.Array]] = []
-  val_metrics = None
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  val_metrics, preempted = None, False
   try:
-    with tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not is_main) as bar:
+    with (
+      Preemption() as preemption,
+      tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not is_main) as bar,
+    ):
       for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, next(batches))
-        pending.append(metrics)
-        checkpoint_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+        pending.append((step, metrics))
+        preempted = preemption.reached(step)
+        checkpoint_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
         # Metrics are also fetched before every checkpoint, so a non-finite state is never saved.
         if step % config.log_every_steps == 0 or checkpoint_now:
-          logged = {**mean_metrics(pending), "learning_rate": float(schedule(step - 1))}
+          logged = {
+            **mean_metrics(pending, loss_scaled=loss_scale is not None),
+            "learning_rate": float(schedule(step - 1)),
+          }
           pending = []
-          if not all(np.isfinite(logged[k]) for k in ("loss", "grad_norm", "param_norm")):
-            raise SegjaxError(
-              f"non-finite loss or gradient (loss {logged['loss']}, grad_norm {logged['grad_norm']}) at or before "
-              f"step {step}; the last checkpoint is kept. Lower optimizer.learning_rate or set "
-              "optimizer.grad_clip_norm."
-            )
           writer.write(step, "train", logged)
           bar.set_postfix(loss=f"{logged['loss']:.4f}")
-        if step % config.eval_every_steps == 0 or step == total_steps:
-          val_metrics = evaluate_split(state, source=eval_source)
+        step_metrics = None
+        if (step % config.eval_every_steps == 0 or step == total_steps) and not preempted:
+          val_metrics = step_metrics = evaluate_split(local_eval_state(), source=eval_source)
           writer.write(step, "validation", val_metrics)
-          bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
+          if is_main:
+            bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
         if checkpoint_now:
-          checkpoint.save(manager, state, saved_config, data_state(config, step, dataset, len(train_source)))
+          ranked = step_metrics if best_metric and step_metrics and best_metric in step_metrics else None
+          checkpoint.save(
+            manager, state, saved_config, data_state(config, step, dataset, len(train_source)), metrics=ranked
+          )
         bar.update(1)
+        if preempted:
+          if is_main:
+            bar.write(f"preempted (SIGTERM): saved the checkpoint of step {step}; run the same command to resume.")
+          break
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.close()
   train_seconds = time.perf_counter() - train_start
+  if preempted:
+    return {
+      "preempted": True,
+      "steps": int(parallel.fetch(state.step)),
+      "trained_steps_this_run": int(parallel.fetch(state.step)) - start_step,
+    }
 
+  eval_state = local_eval_state()
   summary = {
-    "steps": int(state.step),
-    "trained_steps_this_run": int(state.step) - start_step,
+    "steps": int(parallel.fetch(state.step)),
+    "trained_steps_this_run": int(parallel.fetch(state.step)) - start_step,
     "train_seconds_this_run": round(train_seconds, 2),
     "num_params": count_params(state.params),
     # None when a finished run is resumed: evaluate the restored state again
-    "validation": val_metrics or evaluate_split(state, source=eval_source),
+    "validation": val_metrics or evaluate_split(eval_state, source=eval_source),
   }
   if test_source is not None:
-    summary["test"] = evaluate_split(state, source=test_source)
+    summary["test"] = evaluate_split(eval_state, source=test_source)
   if is_main:
     predict = functools.partial(
-      predict_split, state, eval_step, num_classes=dataset.num_classes, geometry=geometry, batch_size=1
+      predict_split, eval_state, eval_step, num_classes=dataset.num_classes, geometry=geometry, batch_size=1
     )
     write_outputs(predict, config, eval_source, test_source, workdir, summary)
     print(format_summary(summary, dataset.class_names))

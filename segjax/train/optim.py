@@ -24,9 +24,24 @@ def _warmup_cosine(config: ml_collections.ConfigDict, total_steps: int) -> optax
   )
 
 
+def _warmup_polynomial(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """nnU-Net's "poly" decay ``lr (1 - s / total) ** power`` (power 0.9, Isensee et al. 2021), after a linear warmup."""
+  warmup = min(config.get("warmup_steps", 0), max(total_steps - 1, 0))
+  decay = optax.polynomial_schedule(
+    init_value=config.learning_rate,
+    end_value=config.learning_rate * config.get("end_learning_rate_factor", 0.0),
+    power=config.get("power", 0.9),
+    transition_steps=max(total_steps - warmup, 1),
+  )
+  if not warmup:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])
+
+
 SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
   "constant": _constant,
   "warmup_cosine": _warmup_cosine,
+  "polynomial": _warmup_polynomial,
 }
 
 OPTIMIZERS: dict[str, Callable[[optax.Schedule, ml_collections.ConfigDict], optax.GradientTransformation]] = {

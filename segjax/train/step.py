@@ -96,37 +96,137 @@ def pixel_accuracy(logits: jax.Array, batch: Batch) -> jax.Array:
   return jnp.sum(correct & counted) / jnp.maximum(jnp.sum(counted), 1)
 
 
-def make_train_step(loss_fn: LossFn, augment_fn: AugmentFn | None = None) -> Callable[[TrainState, Batch], tuple]:
+def micro_batches(batch: Batch, count: int) -> Batch:
+  """Splits a batch into ``count`` micro-batches, stacked on a new leading axis.
+
+  Micro-batch ``j`` holds examples ``j, j + count, j + 2 count, ...``: with the batch sharded over devices, every
+  device keeps its own examples (its share of each micro-batch), so no data moves between devices.
+  """
+
+  def split(x):
+    if x.shape[0] % count:
+      raise ValueError(f"a batch of {x.shape[0]} examples does not split into {count} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+  return jax.tree_util.tree_map(split, batch)
+
+
+def make_gradient_fn(loss_fn: LossFn, grad_accum_steps: int = 1) -> Callable:
+  """Returns ``gradients(state, batch, rng) -> (loss, pixel_accuracy, batch_stats, grads)`` of a batch.
+
+  With ``grad_accum_steps = k > 1`` the batch is split into k micro-batches (:func:`micro_batches`) whose gradients
+  are averaged in a ``lax.scan``, so activations are held for one micro-batch at a time. The result equals one step
+  on the whole batch when the loss is a mean over examples with equal pixel weights per micro-batch; BatchNorm
+  normalises each micro-batch with its own statistics, and the running statistics are updated once per micro-batch.
+
+  With a float16 :class:`~segjax.train.state.LossScale` in the state, the gradients returned are of the loss times
+  the scale (the caller divides and checks them).
+  """
+  objective = make_loss_fn(loss_fn)
+
+  def one(state: TrainState, batch: Batch, rng: jax.Array):
+    scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
+
+    def scaled(params):
+      loss, aux = objective(params, state, batch, rng)
+      return loss * scale, (loss, aux)
+
+    (_, (loss, (logits, batch_stats))), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
+    return loss, pixel_accuracy(logits, crop_targets(batch, logits)), batch_stats, grads
+
+  if grad_accum_steps == 1:
+    return one
+
+  def accumulated(state: TrainState, batch: Batch, rng: jax.Array):
+    def body(carry, inputs):
+      batch_stats, loss, accuracy, grads = carry
+      index, micro = inputs
+      out = one(state.replace(batch_stats=batch_stats), micro, jax.random.fold_in(rng, index))
+      summed = jax.tree_util.tree_map(jnp.add, (loss, accuracy, grads), (out[0], out[1], out[3]))
+      return (out[2], *summed), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    init = (state.batch_stats, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    inputs = (jnp.arange(grad_accum_steps), micro_batches(batch, grad_accum_steps))
+    (batch_stats, loss, accuracy, grads), _ = jax.lax.scan(body, init, inputs)
+    mean = lambda x: x / grad_accum_steps  # noqa: E731
+    return mean(loss), mean(accuracy), batch_stats, jax.tree_util.tree_map(mean, grads)
+
+  return accumulated
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every element of every leaf is finite."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def ema_update(ema: Any, new: Any, step: jax.Array, decay: float) -> Any:
+  """One step of the exponential moving average, with the decay ramped up as ``min(decay, (1 + s) / (10 + s))``.
+
+  The ramp (as in TensorFlow's ``ExponentialMovingAverage(num_updates=)``) keeps the average close to the trained
+  weights early on, when they change fast.
+  """
+  step = step.astype(jnp.float32)
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, new)
+
+
+def make_train_step(
+  loss_fn: LossFn,
+  augment_fn: AugmentFn | None = None,
+  *,
+  axis_name: str | None = None,
+  grad_accum_steps: int = 1,
+  ema_decay: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple]:
   """Builds the pure train step.
 
   The step's randomness is ``fold_in(state.rng, state.step)``, split into an augmentation and a dropout key.
 
   Args:
     loss_fn: ``(logits, labels, weights) -> scalar``.
-    augment_fn: optional on-device augmentation ``(key, batch) -> batch``.
+    augment_fn: optional on-device augmentation ``(key, batch) -> batch``. Under ``pmap`` it is called with
+      ``axis_name=`` too, so that each example gets the key it would get in one global batch.
+    axis_name: the ``pmap`` axis: gradients, the loss and metrics are averaged over it with ``lax.pmean``. None under
+      ``jit`` (sharded or not), where the step is written for the global batch.
+    grad_accum_steps: micro-batches per step (:func:`make_gradient_fn`).
+    ema_decay: if positive, ``state.ema`` (see :func:`~segjax.train.state.create_train_state`) follows the weights.
 
   Returns:
     ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss``, ``pixel_accuracy``,
-    ``grad_norm`` and ``param_norm`` (the latter after the update, so a blown-up state shows as non-finite).
+    ``grad_norm`` and ``param_norm`` (the latter after the update, so a blown-up state shows as non-finite), and with
+    float16 loss scaling ``loss_scale`` and ``skipped`` (1 for a step skipped for non-finite gradients).
   """
-  objective = make_loss_fn(loss_fn)
+  gradients = make_gradient_fn(loss_fn, grad_accum_steps)
 
   def train_step(state: TrainState, batch: Batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
+    if axis_name is not None:
+      dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
     if augment_fn is not None:
-      batch = augment_fn(augment_rng, batch)
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params, state, batch, dropout_rng
-    )
+      batch = augment_fn(augment_rng, batch, axis_name=axis_name) if axis_name else augment_fn(augment_rng, batch)
+    loss, accuracy, batch_stats, grads = gradients(state, batch, dropout_rng)
+    if state.loss_scale is not None:
+      grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale.scale, grads)
+    if axis_name is not None:
+      grads, loss, accuracy, batch_stats = jax.lax.pmean((grads, loss, accuracy, batch_stats), axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    accuracy = pixel_accuracy(logits, crop_targets(batch, logits))
-    metrics = {
-      "loss": loss,
-      "pixel_accuracy": accuracy,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(new_state.params),
-    }
+    metrics = {"loss": loss, "pixel_accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    if state.loss_scale is not None:  # float16: skip the update of a step with non-finite gradients
+      finite = all_finite(grads)
+      keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+      new_state = new_state.replace(
+        params=keep(new_state.params, state.params),
+        opt_state=keep(new_state.opt_state, state.opt_state),
+        batch_stats=keep(new_state.batch_stats, state.batch_stats),
+        loss_scale=state.loss_scale.update(finite),
+      )
+      metrics.update(loss_scale=state.loss_scale.scale, skipped=1.0 - finite.astype(jnp.float32))
+    if ema_decay > 0:
+      new = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+      new_state = new_state.replace(ema=ema_update(state.ema, new, state.step, ema_decay))
+    metrics["param_norm"] = optax.global_norm(new_state.params)
     return new_state, metrics
 
   return train_step
