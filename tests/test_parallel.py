@@ -129,7 +129,7 @@ def test_ema_follows_the_weights_and_is_what_evaluation_uses():
   for s in range(3):
     state, _ = step(state, _batch(s))
     rate = min(decay, (1 + s) / (10 + s))
-    expected = jax.tree_util.tree_map(lambda e, p: rate * e + (1 - rate) * np.asarray(p), expected, state.params)
+    expected = jax.tree_util.tree_map(lambda e, p, r=rate: r * e + (1 - r) * np.asarray(p), expected, state.params)
   chex.assert_trees_all_close(state.ema["params"], expected, rtol=1e-5, atol=1e-7)
   assert not np.allclose(_first(state.ema["params"]), _first(state.params))
   assert state.for_eval().params is state.ema["params"]
