@@ -1,0 +1,231 @@
+"""Preemption and faults: SIGKILL and SIGTERM mid-run lose nothing, damaged checkpoints are set aside, checkpoints
+restore onto other device counts, the best checkpoint is kept, and two processes train like one."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import tiny
+from segjax import checkpoint
+from segjax.train.loop import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tfds_dir, **overrides):
+  config = tiny.get_config()
+  config.data.tfds_data_dir = tfds_dir
+  config.num_sample_images = config.num_test_images = 0
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+def _final_state(workdir, like=None):
+  """The raw saved state dict (numpy leaves) of a workdir's latest checkpoint; ``like``: a numpy tree of its
+  structure, needed for a checkpoint written by devices this process does not have."""
+  import orbax.checkpoint as ocp
+
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))[
+    "state"
+  ]
+  manager.close()
+  return jax.tree_util.tree_map(np.asarray, restored)
+
+
+def _train_command(workdir, tfds_dir, steps, *extra):
+  return [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfds_data_dir={tfds_dir}",
+    f"--config.num_train_steps={steps}",
+    "--config.checkpoint_every_steps=3",
+    "--config.log_every_steps=1",
+    f"--config.eval_every_steps={steps}",
+    "--config.num_sample_images=0",
+    "--config.num_test_images=0",
+    *extra,
+  ]
+
+
+def _logged_step(workdir) -> int:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+  return max(steps, default=0)
+
+
+def _start_and_signal(command, workdir, at_step, sig):
+  """Starts a training process, sends ``sig`` once it has logged ``at_step``; returns (returncode, output)."""
+  with open(f"{workdir}.log", "w+") as log:  # a file, not a pipe: the process never blocks on its output
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while process.poll() is None and _logged_step(workdir) < at_step and time.time() < deadline:
+      time.sleep(0.02)
+    process.send_signal(sig)
+    process.wait(timeout=300)
+    log.seek(0)
+    return process.returncode, log.read()
+
+
+def test_sigkill_and_sigterm_mid_run_then_resume_give_bitwise_the_uninterrupted_result(tmp_path, tfds_dir):
+  steps = 36
+  reference = str(tmp_path / "reference")
+  config = _config(tfds_dir, num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, eval_every_steps=steps)
+  train_and_evaluate(config, reference)
+
+  workdir = str(tmp_path / "interrupted")
+  code, output = _start_and_signal(_train_command(workdir, tfds_dir, steps), workdir, 7, signal.SIGKILL)
+  assert code == -signal.SIGKILL, output[-2000:]  # killed mid-run, not finished
+  killed_at = _logged_step(workdir)
+  assert 7 <= killed_at < steps
+
+  code, output = _start_and_signal(_train_command(workdir, tfds_dir, steps), workdir, killed_at + 6, signal.SIGTERM)
+  assert code == 0, output[-2000:]
+  match = [line for line in output.splitlines() if "after SIGTERM" in line]
+  assert match, output[-2000:]
+  stopped_at = int(match[0].split("stopped at step ")[1].split()[0])
+  assert killed_at < stopped_at < steps
+  assert checkpoint.create_manager(workdir, read_only=True).latest_step() == stopped_at  # saved where it stopped
+
+  result = subprocess.run(_train_command(workdir, tfds_dir, steps), cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"resuming from step {stopped_at}" in result.stdout
+  chex.assert_trees_all_equal(_final_state(workdir), _final_state(reference))  # bitwise
+
+
+def test_damaged_and_half_written_checkpoints_are_set_aside_with_a_warning(tmp_path, tfds_dir, capsys):
+  workdir = str(tmp_path)
+  train_and_evaluate(_config(tfds_dir, num_train_steps=6), workdir)  # checkpoints at 3 and 6
+  directory = checkpoint.checkpoint_dir(workdir)
+  # step 6: a data file of the state cut to nothing; step 9: a step directory with nothing in it
+  data_files = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(directory, "6", "state")) for f in files]
+  biggest = max(data_files, key=os.path.getsize)
+  open(biggest, "w").close()
+  os.makedirs(os.path.join(directory, "9"))
+  summary = train_and_evaluate(_config(tfds_dir, num_train_steps=9), workdir)
+  err = capsys.readouterr().err
+  assert "checkpoint at step 9 is damaged" in err and "checkpoint at step 6 is damaged" in err
+  assert summary["steps"] == 9 and summary["trained_steps_this_run"] == 6  # resumed from step 3
+  # the damaged ones kept for inspection under another name; 6 and 9 written again by the resumed run
+  assert sorted(os.listdir(directory)) == ["3", "6", "6.damaged", "9", "9.damaged"]
+
+
+def test_a_checkpoint_saved_on_4_devices_resumes_on_1_and_on_2(tmp_path, tfds_dir):
+  reference, saved_on_4 = str(tmp_path / "reference"), str(tmp_path / "saved_on_4")
+  train_and_evaluate(_config(tfds_dir, num_train_steps=6), reference)  # on all 4 devices
+  config = _config(tfds_dir, num_train_steps=3)
+  train_and_evaluate(config, saved_on_4)
+  saved = _final_state(saved_on_4)
+  for count in (1, 2):
+    workdir = str(tmp_path / f"resumed_on_{count}")
+    shutil.copytree(saved_on_4, workdir)
+    _resume_on(count, workdir, reference, config, saved, tfds_dir)
+
+
+def _resume_on(count, workdir, reference, config, saved, tfds_dir):
+  from segjax.models import create_model
+  from segjax.train import parallel
+  from segjax.train.optim import create_optimizer
+  from segjax.train.state import create_train_state
+
+  # restored exactly, replicated on the smaller mesh
+  mesh = parallel.create_mesh(jax.devices()[:count])
+  model = create_model(config.model, 2)
+  template = create_train_state(jax.random.PRNGKey(9), model, create_optimizer(config.optimizer, 3), (1, 64, 64, 1))
+  manager = checkpoint.create_manager(workdir)
+  state, data_state = checkpoint.restore_latest(manager, parallel.replicate(template, mesh), config)
+  manager.close()
+  assert data_state["next_step"] == 3
+  leaves = jax.tree_util.tree_leaves(state)
+  assert all(set(x.devices()) == set(jax.devices()[:count]) for x in leaves)
+  chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, state.params), saved["params"])
+
+  # and training goes on there: close to the run that stayed on 4 devices (float32 sums differ in order)
+  summary = train_and_evaluate(_config(tfds_dir, num_train_steps=6), workdir, devices=jax.devices()[:count])
+  assert summary["trained_steps_this_run"] == 3
+  chex.assert_trees_all_close(_final_state(workdir)["params"], _final_state(reference)["params"], atol=2e-4)
+
+
+def test_the_best_checkpoint_is_kept_besides_the_newest(tmp_path, tfds_dir):
+  workdir = str(tmp_path)
+  config = _config(
+    tfds_dir,
+    num_train_steps=8,
+    eval_every_steps=1,
+    checkpoint_every_steps=1,
+    max_checkpoints_to_keep=1,
+    checkpoint_best_metric="loss",
+    checkpoint_best_mode="min",
+  )
+  train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "validation"}
+  best = min(losses, key=losses.get)
+  kept = checkpoint.create_manager(workdir, read_only=True).all_steps()
+  assert sorted(kept) == sorted({best, 8})
+  assert checkpoint.best_step(workdir, "loss", "min") == best
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_two_devices_each_train_like_one_process_with_four(tmp_path, tfds_dir):
+  reference = str(tmp_path / "reference")
+  train_and_evaluate(_config(tfds_dir), reference)  # one process, 4 devices
+
+  workdir = str(tmp_path / "multihost")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  port = _free_port()
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.tfds_data_dir={tfds_dir}",
+    "--config.num_sample_images=0",
+    "--config.num_test_images=0",
+    f"--coordinator_address=localhost:{port}",
+    "--num_processes=2",
+  ]
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # files, not pipes: no process blocks on output
+  processes = [
+    subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+    for i in range(2)
+  ]
+  for p in processes:
+    p.wait(timeout=300)
+  outputs = [(log.seek(0), log.read(), log.close())[1] for log in logs]
+  for p, out in zip(processes, outputs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+  assert "2 processes" in outputs[0] and "4 devices" in outputs[0]
+  assert "segjax:" in outputs[0] and "segjax:" not in outputs[1]  # only process 0 prints the summary
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [(r["split"], r["step"]) for r in map(json.loads, f)]
+  assert len(steps) == len(set(steps))  # logged once, by process 0
+  expected = _final_state(reference)
+  chex.assert_trees_all_close(_final_state(workdir, like=expected), expected, rtol=1e-5, atol=1e-6)
+  with open(os.path.join(workdir, "summary.json")) as f, open(os.path.join(reference, "summary.json")) as g:
+    ours, theirs = json.load(f), json.load(g)
+  assert ours["validation"]["mean_iou"] == pytest.approx(theirs["validation"]["mean_iou"], abs=1e-5)
+  shutil.rmtree(workdir)
