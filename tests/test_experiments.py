@@ -21,11 +21,6 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, tfds_dir):
   workdir = str(tmp_path_factory.mktemp("run"))
   result = _run(
