@@ -1,66 +1,161 @@
-"""Prediction with a trained checkpoint: load, read images, predict label maps.
+"""Prediction with a trained checkpoint: load, read images, predict probabilities, label maps and instances.
 
 The checkpoint carries its config (with the dataset's number of classes and channels), so a workdir alone is enough.
-Images go through the same ``normalize_image`` as training. Models take any height and width (the U-Net pads
-internally), so whole images are predicted in one jitted call per distinct shape.
+Images go through the same ``normalize_image`` as training, and are predicted whole or in tiles
+(:mod:`segjax.tiling`: overlap-tile, sliding windows, test-time augmentation).
 """
 
 import dataclasses
+import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from segjax import checkpoint
+from segjax import checkpoint, viz
 from segjax.data.pipeline import normalize_image, pad_image_for_model
+from segjax.errors import SegjaxError
 from segjax.losses import model_outputs
+from segjax.metrics import label_instances
 from segjax.models import create_model
 from segjax.models.geometry import Geometry, eval_geometry
+from segjax.tiling import Tiling, gaussian_weights, overlap_tile_plan, predict_tiled, predict_tiles, sliding_window_plan
 from segjax.train.optim import create_optimizer
 from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
-from segjax.train.step import predict_classes, predict_logits
 
-_logits = jax.jit(predict_logits)
+_whole = jax.jit(predict_tiles, static_argnames=("tta", "output"))
 
 
 @dataclasses.dataclass
 class Predictor:
-  """A restored model ready to predict: its config, state and checkpoint step."""
+  """A restored model ready to predict: its config, state and checkpoint step.
+
+  ``state`` is replicated over ``devices`` (this process's devices by default): tiles are split over them.
+  """
 
   config: ml_collections.ConfigDict
   state: TrainState
   step: int
   geometry: Geometry = dataclasses.field(default_factory=Geometry)
+  devices: tuple = ()
 
   @property
   def num_channels(self) -> int:
     return int(self.config.dataset_info.num_channels)
 
-  def predict_logits(self, image: np.ndarray) -> np.ndarray:
-    """Image (H, W, C) uint8/uint16 -> logits (H, W, num_classes), float32.
+  @property
+  def num_classes(self) -> int:
+    return int(self.config.dataset_info.num_classes)
 
-    For the unpadded U-Net the image is mirrored at its borders to the input whose output covers it (one tile of
-    the paper's overlap-tile strategy) and the output is cropped to the image.
+  def default_tile_size(self) -> int:
+    """The training tile (``data.crop_size``) when there was one, else 572 (unpadded U-Net) or 256."""
+    size = self.config.data.get("crop_size") or (572 if self.geometry.margin else 256)
+    return self.geometry.fit(size)
+
+  def resolve(self, image_shape: tuple[int, ...], tiling: Tiling) -> tuple[str, int]:
+    """The mode ``'auto'`` stands for on an image of ``image_shape``, and the tile size."""
+    tile = tiling.tile_size or self.default_tile_size()
+    if tiling.mode != "auto":
+      return tiling.mode, tile
+    if self.geometry.margin:
+      return "overlap_tile", tile
+    return ("sliding_window" if max(image_shape[:2]) > tile else "whole"), tile
+
+  def predict(self, image: np.ndarray, tiling: Tiling | None = None, *, output: str = "probabilities") -> np.ndarray:
+    """Image (H, W, C) uint8/uint16 -> (H, W, K) float32 class probabilities (or logits), by ``tiling``.
+
+    Images go through the training normalisation. ``'whole'`` predicts the image at once (for the unpadded U-Net
+    mirrored at its borders to the input whose output covers it); ``'overlap_tile'`` and ``'sliding_window'`` go
+    through :mod:`segjax.tiling`. A one-logit binary model gives the two classes' probabilities (1 - p, p).
     """
+    tiling = tiling or Tiling()
+    mode, tile = self.resolve(image.shape, tiling)
     height, width = image.shape[:2]
-    padded = pad_image_for_model(normalize_image(image), self.geometry)
-    return np.asarray(_logits(self.state, padded[None])[0, :height, :width])
+    normalized = normalize_image(image)
+    if mode == "whole":
+      padded = pad_image_for_model(normalized, self.geometry)
+      single = jax.tree_util.tree_map(lambda x: x.addressable_data(0), self.state)
+      return np.asarray(_whole(single, padded[None], tta=tiling.tta, output=output)[0, :height, :width])
+    if mode == "overlap_tile":
+      plan, weights = overlap_tile_plan(height, width, self.geometry, tile), None
+    else:
+      if self.geometry.margin:
+        raise SegjaxError("--tiling=sliding_window needs a same-padded model; use overlap_tile for unet_valid.")
+      plan = sliding_window_plan(height, width, tile, tiling.overlap)
+      weights = gaussian_weights(tile) if tiling.blend == "gaussian" else None
+    return predict_tiled(
+      self.state,
+      normalized,
+      plan,
+      weights=weights,
+      padding=tiling.padding if mode == "sliding_window" else "reflect",
+      tta=tiling.tta,
+      batch=tiling.batch,
+      output=output,
+      devices=self.devices or None,
+    )
 
-  def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
-    """Image (H, W, C) uint8/uint16 -> class probabilities (H, W, num_classes), float32.
+  def predict_logits(self, image: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    """Image (H, W, C) -> logits (H, W, outputs), float32 (blended as logits when tiled)."""
+    return self.predict(image, tiling, output="logits")
 
-    A one-logit binary model's sigmoid p gives the two classes' probabilities (1 - p, p).
-    """
-    logits = self.predict_logits(image)
-    if logits.shape[-1] == 1:
-      p = np.asarray(jax.nn.sigmoid(logits))
-      return np.concatenate([1.0 - p, p], -1)
-    return np.asarray(jax.nn.softmax(logits, -1))
+  def predict_probabilities(self, image: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    """Image (H, W, C) -> class probabilities (H, W, num_classes), float32."""
+    return self.predict(image, tiling)
 
-  def predict_labels(self, image: np.ndarray) -> np.ndarray:
-    """Image (H, W, C) -> label map (H, W) of class ids, uint8."""
-    return np.asarray(predict_classes(self.predict_logits(image))).astype(np.uint8)
+  def predict_labels(self, image: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    """Image (H, W, C) -> label map (H, W) of class ids, uint8: the argmax of the (blended) probabilities."""
+    return np.argmax(self.predict(image, tiling), -1).astype(np.uint8)
+
+  def predict_instances(self, image: np.ndarray, tiling: Tiling | None = None, *, min_size: int = 10) -> np.ndarray:
+    """Image (H, W, C) -> instance ids (H, W), int32: connected components of the predicted foreground (every
+    class but 0), without those smaller than ``min_size`` pixels."""
+    return label_instances(self.predict_labels(image, tiling) > 0, min_size=min_size)
+
+  def check_image(self, image: np.ndarray, path: str) -> None:
+    """Refuses an image the model cannot take; the SegjaxError names the file."""
+    if min(image.shape[:2]) < 2:
+      raise SegjaxError(f"'{path}' is {image.shape[0]}x{image.shape[1]} pixels; the model needs at least 2x2.")
+
+
+OUTPUT_KINDS = ("labels", "overlay", "instances", "probabilities")
+
+
+def save_outputs(
+  directory: str, stem: str, image: np.ndarray, probabilities: np.ndarray, kinds: Sequence[str], *, min_instance_size=10
+) -> None:
+  """Writes the asked ``kinds`` of outputs of one image into ``directory``.
+
+  ``labels``: ``<stem>_mask.png`` (pixel value = class id); ``overlay``: ``<stem>_overlay.png``; ``instances``:
+  ``<stem>_instances.png``, 16-bit ids of the connected components of the foreground with at least
+  ``min_instance_size`` pixels; ``probabilities``: ``<stem>_probabilities.npy``, (H, W, classes) float32.
+
+  Raises:
+    SegjaxError: naming the folder when it cannot be written, or when the instances do not fit 16 bits.
+  """
+  from PIL import Image
+
+  labels = np.argmax(probabilities, -1).astype(np.uint8)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    if "labels" in kinds:
+      Image.fromarray(labels).save(os.path.join(directory, f"{stem}_mask.png"))
+    if "overlay" in kinds:
+      Image.fromarray(viz.overlay(image, labels)).save(os.path.join(directory, f"{stem}_overlay.png"))
+    if "instances" in kinds:
+      instances = label_instances(labels > 0, min_size=min_instance_size)
+      if instances.max() > np.iinfo(np.uint16).max:
+        raise SegjaxError(f"'{stem}' has {instances.max()} instances, more than a 16-bit PNG holds.")
+      Image.fromarray(instances.astype(np.uint16)).save(os.path.join(directory, f"{stem}_instances.png"))
+    if "probabilities" in kinds:
+      np.save(os.path.join(directory, f"{stem}_probabilities.npy"), probabilities.astype(np.float32))
+  except OSError as e:
+    raise SegjaxError(
+      f"cannot write predictions to '{directory}' ({e.strerror or e}); pass a writable --output."
+    ) from e
 
 
 def load_predictor(workdir: str, step: int | None = None) -> Predictor:
@@ -86,5 +181,7 @@ def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   manager = checkpoint.create_manager(workdir, read_only=True)
   state = checkpoint.restore_state(manager, template, step)
   manager.close()
+  devices = tuple(jax.local_devices())
   # A run with EMA was evaluated with the averaged weights: predict with them too.
-  return Predictor(config=config, state=state.for_eval(), step=step, geometry=geometry)
+  state = jax.device_put(state.for_eval(), NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec()))
+  return Predictor(config=config, state=state, step=step, geometry=geometry, devices=devices)

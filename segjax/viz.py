@@ -1,13 +1,10 @@
 """Pictures of a run: label colouring, overlays, loss/metric curves and a sample grid (matplotlib, Agg backend)."""
 
 import json
-import os
 from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
-
-from segjax.errors import SegjaxError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -88,20 +85,3 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
-
-
-def save_prediction(directory: str, name: str, image: np.ndarray, labels: np.ndarray) -> tuple[str, str]:
-  """Writes ``<name>_mask.png`` (class ids as pixel values) and ``<name>_overlay.png``; returns both paths."""
-  from PIL import Image
-
-  mask_path = os.path.join(directory, f"{name}_mask.png")
-  overlay_path = os.path.join(directory, f"{name}_overlay.png")
-  try:
-    os.makedirs(directory, exist_ok=True)
-    Image.fromarray(np.asarray(labels, np.uint8)).save(mask_path)
-    Image.fromarray(overlay(image, labels)).save(overlay_path)
-  except OSError as e:
-    raise SegjaxError(
-      f"cannot write predictions to '{directory}' ({e.strerror or e}); pass a writable --output."
-    ) from e
-  return mask_path, overlay_path

@@ -250,3 +250,76 @@ def test_binary_loss_on_multiclass_data_is_a_clear_error(tmp_path, tfds_dir):
   config.loss = "sigmoid_cross_entropy"
   with pytest.raises(SegjaxError, match="loss 'sigmoid_cross_entropy' \\(config key loss\\) is binary, but the data"):
     train_and_evaluate(config, str(tmp_path))
+
+
+def test_predict_tiles_with_tta_writes_every_output_kind_and_reports_bad_files_but_does_the_rest(trained, tmp_path):
+  workdir, _ = trained
+  folder = tmp_path / "in"
+  folder.mkdir()
+  Image.open(os.path.join(workdir, "test_images", "test_0000.png")).save(folder / "good.tif")
+  (folder / "broken.png").write_text("not an image")
+  rng = np.random.default_rng(0)
+  Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / "colour.png")
+  out = tmp_path / "out"
+  result = _run(
+    "experiments.predict",
+    f"--workdir={workdir}",
+    f"--input={folder}/*",
+    f"--output={out}",
+    "--tiling=sliding_window",
+    "--tile_size=32",
+    "--overlap=0.25",
+    "--tta=flips",
+    "--outputs=labels,instances,probabilities,overlay",
+  )
+  assert result.returncode == 2  # two files failed ...
+  assert "'" + str(folder / "broken.png") + "' is not a readable image" in result.stderr
+  assert "colour.png' is a colour image (RGB) but the model takes 1 (grayscale) channel" in result.stderr
+  assert "2 of 3 images could not be predicted" in result.stderr.strip().splitlines()[-1]
+  # ... and the good one was still done, equal to the in-process prediction
+  assert sorted(os.listdir(out)) == [
+    "good_instances.png",
+    "good_mask.png",
+    "good_overlay.png",
+    "good_probabilities.npy",
+  ]
+  from segjax.data.io import read_image
+  from segjax.inference import load_predictor
+  from segjax.tiling import Tiling
+
+  predictor = load_predictor(workdir)
+  image = read_image(str(folder / "good.tif"), 1)
+  expected = predictor.predict(image, Tiling(mode="sliding_window", tile_size=32, overlap=0.25, tta="flips"))
+  np.testing.assert_allclose(np.load(out / "good_probabilities.npy"), expected, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "good_mask.png")), np.argmax(expected, -1))
+  instances = np.asarray(Image.open(out / "good_instances.png"))
+  assert instances.dtype == np.uint16 and ((instances > 0) <= (np.argmax(expected, -1) > 0)).all()
+
+
+def test_exported_predictor_reloads_in_a_fresh_process_without_segjax(trained, tmp_path):
+  workdir, _ = trained
+  artifact = tmp_path / "model.jax_export"
+  result = _run(
+    "experiments.export", f"--workdir={workdir}", f"--output={artifact}", "--tile_size=64", "--input_dtype=uint8"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  from segjax.inference import load_predictor
+  from segjax.tiling import Tiling
+
+  predictor = load_predictor(workdir)
+  tiles = (np.random.default_rng(1).random((3, 64, 64, 1)) * 255).astype(np.uint8)
+  np.save(tmp_path / "tiles.npy", tiles)
+  expected = np.stack([predictor.predict(tile, Tiling(mode="whole")) for tile in tiles])
+  script = (
+    "import sys, jax, numpy as np\n"
+    f"call = jax.export.deserialize(bytearray(open({str(artifact)!r}, 'rb').read())).call\n"
+    f"tiles = np.load({str(tmp_path / 'tiles.npy')!r})\n"
+    f"np.save({str(tmp_path / 'out.npy')!r}, np.concatenate([call(tiles[:1]), call(tiles[1:])]))\n"
+    "assert not any(m.startswith(('segjax', 'flax')) for m in sys.modules), 'model code was imported'\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  reloaded = subprocess.run(
+    [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert reloaded.returncode == 0, reloaded.stderr[-3000:]
+  np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)  # batch sizes 1 and 2

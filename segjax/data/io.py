@@ -6,6 +6,7 @@ decoded the same way everywhere: images become (H, W, C) uint8, or uint16 for 16
 """
 
 import contextlib
+import glob
 import hashlib
 import os
 from collections.abc import Iterator
@@ -20,9 +21,17 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 def list_images(path: str) -> list[str]:
-  """The image file ``path`` itself, or the image files in folder ``path`` (sorted); SegjaxError if there are none."""
+  """The image file ``path`` itself, the image files in folder ``path``, or those matching the glob pattern ``path``
+  (e.g. ``'slides/*.tif'``), sorted; SegjaxError if there are none."""
   if os.path.isfile(path):
     return [path]
+  if any(c in path for c in "*?[") and not os.path.exists(path):
+    files = sorted(f for f in glob.glob(path) if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise SegjaxError(
+        f"no image file matches '{path}'; pass an image file, a folder or a pattern such as 'dir/*.png'."
+      )
+    return files
   if not os.path.isdir(path):
     raise SegjaxError(f"input '{path}' does not exist; pass an image file or a folder of images.")
   files = sorted(
@@ -81,13 +90,6 @@ def open_image(path: str) -> Iterator[Image.Image]:
     raise SegjaxError(f"'{path}' is not a readable image ({type(e).__name__}); remove it or convert it to PNG.") from e
 
 
-def check_images(paths: list[str]) -> None:
-  """Opens each file's header, so a non-image fails before any output is written; SegjaxError names the file."""
-  for path in paths:
-    with open_image(path):
-      pass
-
-
 def image_size(path: str) -> tuple[int, int]:
   """(height, width) from the file header, without decoding the pixels."""
   with open_image(path) as img:
@@ -100,13 +102,18 @@ def is_sixteen_bit(path: str) -> bool:
     return img.mode in _SIXTEEN_BIT_MODES
 
 
-def read_image(path: str, num_channels: int) -> np.ndarray:
+def read_image(path: str, num_channels: int, *, strict: bool = False) -> np.ndarray:
   """Reads an image file as (H, W, num_channels) uint8; 16-bit grayscale stays uint16 when ``num_channels`` is 1.
 
-  RGBA and palette images are converted to RGB (or to luminance for one channel).
+  RGBA and palette images are converted to RGB (or to luminance for one channel); grayscale becomes RGB for three.
+
+  Args:
+    path: the file.
+    num_channels: 1 or 3.
+    strict: refuse a colour image (channels that differ) for ``num_channels == 1`` instead of taking its luminance.
 
   Raises:
-    SegjaxError: if the file is not a readable image.
+    SegjaxError: if the file is not a readable image, or (strict) a colour image for a grayscale model.
   """
   with open_image(path) as img:
     try:
@@ -116,6 +123,13 @@ def read_image(path: str, num_channels: int) -> np.ndarray:
     if num_channels == 1 and img.mode in _SIXTEEN_BIT_MODES:
       array = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
     else:
+      if strict and num_channels == 1 and img.mode not in ("L", "1", "LA"):
+        rgb = np.asarray(img.convert("RGB"))
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+          raise SegjaxError(
+            f"'{path}' is a colour image ({img.mode}) but the model takes 1 (grayscale) channel; convert it to "
+            "grayscale or use a model trained on colour images."
+          )
       array = np.asarray(img.convert("L" if num_channels == 1 else "RGB"))
   return array[..., None] if array.ndim == 2 else array
 

@@ -18,10 +18,13 @@ class Geometry:
   """Attributes:
   margin: context lost at each border: output size = input size - 2 * margin (0 for same-padded models).
   fit: the smallest input size the model takes that is >= a given size.
+  align: the down-sampling factor (2 ** depth for a U-Net): two inputs whose origins differ by a multiple of it see
+    the same max-pooling grid, so their outputs agree where they overlap.
   """
 
   margin: int = 0
   fit: Callable[[int], int] = lambda n: n
+  align: int = 1
 
   def input_size_for_output(self, size: int) -> int:
     """The smallest model input whose output covers ``size`` pixels."""
@@ -46,8 +49,8 @@ def model_geometry(model: nn.Module, *, multiple: int = 1) -> Geometry:
     depth = model.depth
     smallest = unet.smallest_valid_input_size(depth)
     margin = (smallest - unet.valid_output_size(smallest, depth)) // 2
-    return Geometry(margin=margin, fit=lambda n: unet.next_valid_input_size(n, depth))
-  return Geometry(margin=0, fit=lambda n: _round_up(n, multiple))
+    return Geometry(margin=margin, fit=lambda n: unet.next_valid_input_size(n, depth), align=2**depth)
+  return Geometry(margin=0, fit=lambda n: _round_up(n, multiple), align=2 ** getattr(model, "depth", 0))
 
 
 def eval_geometry(model: nn.Module, data_config: Any) -> Geometry:

@@ -1,0 +1,168 @@
+"""Tiled prediction: overlap-tile equals the whole-image prediction, sliding windows blend, TTA, one compilation."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from segjax.errors import SegjaxError
+from segjax.inference import Predictor
+from segjax.models import get_model
+from segjax.models.geometry import model_geometry
+from segjax.tiling import (
+  Tiling,
+  gaussian_weights,
+  overlap_tile_plan,
+  predict_tiled,
+  predict_tiles,
+  sliding_window_plan,
+)
+from segjax.train.state import create_train_state
+
+
+def _predictor(name="unet", crop_size=None, **kwargs):
+  model = get_model(name, num_classes=3, **kwargs)
+  geometry = model_geometry(model)
+  side = geometry.fit(geometry.margin * 2 + 16)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (1, side, side, 1))
+  # non-trivial BatchNorm statistics, so eval mode is not the identity
+  state = state.replace(batch_stats=jax.tree_util.tree_map(lambda x: x + 0.1, state.batch_stats))
+  config = ml_collections.ConfigDict(
+    {"dataset_info": {"num_channels": 1, "num_classes": 3}, "data": {"crop_size": crop_size}}
+  )
+  devices = tuple(jax.local_devices())
+  replicated = jax.device_put(
+    state, jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)), jax.sharding.PartitionSpec())
+  )
+  return Predictor(config=config, state=replicated, step=0, geometry=geometry, devices=devices)
+
+
+def _image(height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  smooth = rng.random((height // 4 + 2, width // 4 + 2))
+  image = np.kron(smooth, np.ones((4, 4)))[:height, :width] * 200 + rng.random((height, width)) * 55
+  return image.astype(np.uint8)[..., None]
+
+
+def test_overlap_tile_equals_the_whole_image_prediction_of_the_unpadded_unet():
+  predictor = _predictor("unet_valid", depth=3, base_width=4)  # its tile outputs are not multiples of 8
+  geometry = predictor.geometry
+  tile = geometry.fit(geometry.margin * 2 + 40)
+  image = _image(95, 131)  # several tiles per axis, sizes unrelated to the tile
+  plan = overlap_tile_plan(95, 131, geometry, tile)
+  assert plan.num_tiles > 4 and plan.used % geometry.align == 0
+  whole = predictor.predict(image, Tiling(mode="whole"))
+  tiled = predictor.predict(image, Tiling(mode="overlap_tile", tile_size=tile, batch=3))
+  assert tiled.shape == whole.shape == (95, 131, 3)
+  np.testing.assert_allclose(tiled, whole, atol=2e-5)
+  np.testing.assert_allclose(tiled.sum(-1), 1.0, atol=1e-5)
+
+
+def test_overlap_tile_outputs_tile_the_image_exactly():
+  geometry = model_geometry(get_model("unet_valid", num_classes=2, depth=2))
+  plan = overlap_tile_plan(50, 30, geometry, geometry.fit(60))
+  covered = np.zeros(plan.canvas_shape, int)
+  for y, x in plan.output_origins:
+    covered[y : y + plan.used, x : x + plan.used] += 1
+  assert (covered == 1).all() and plan.canvas_shape[0] >= 50 and plan.canvas_shape[1] >= 30
+  with pytest.raises(SegjaxError, match="--tile_size 61 is not an input size this model takes"):
+    overlap_tile_plan(50, 30, geometry, 61)
+
+
+def test_sliding_window_with_one_tile_is_the_whole_image_and_blending_stays_close():
+  predictor = _predictor(depth=2, base_width=4)
+  image = _image(64, 64)
+  whole = predictor.predict(image, Tiling(mode="whole"))
+  one_tile = predictor.predict(image, Tiling(mode="sliding_window", tile_size=64))
+  np.testing.assert_allclose(one_tile, whole, atol=1e-5)
+  for blend in ("gaussian", "uniform"):
+    tiled = predictor.predict(image, Tiling(mode="sliding_window", tile_size=32, overlap=0.5, blend=blend))
+    np.testing.assert_allclose(tiled.sum(-1), 1.0, atol=1e-5)
+    # a same-padded U-Net sees less context in a tile, so only the interior agrees closely
+    assert np.abs(tiled - whole)[8:-8, 8:-8].mean() < 0.05
+
+
+def test_sliding_window_plan_covers_the_image_and_pads_small_images():
+  plan = sliding_window_plan(100, 70, 32, 0.25)
+  covered = np.zeros(plan.canvas_shape, int)
+  for y, x in plan.input_origins:
+    covered[y : y + 32, x : x + 32] += 1
+  assert covered.min() >= 1 and plan.input_origins.max(0).tolist() == [68, 38]
+  small = sliding_window_plan(20, 50, 32, 0.5)
+  assert small.canvas_shape == (32, 50) and small.pad_after == (12, 0)
+  predictor = _predictor(depth=2, base_width=4)
+  for padding in ("reflect", "constant"):
+    out = predictor.predict(_image(20, 50), Tiling(mode="sliding_window", tile_size=32, padding=padding))
+    assert out.shape == (20, 50, 3)
+
+
+def test_gaussian_weights_peak_at_the_centre_with_sigma_an_eighth_of_the_tile():
+  w = gaussian_weights(64)
+  assert w.shape == (64, 64) and w.max() == pytest.approx(1.0, abs=0.01) and w.min() > 0
+  centre = 31.5
+  sigma = 8.0
+  expected = np.exp(-((0 - centre) ** 2) / (2 * sigma**2)) * np.exp(-((31 - centre) ** 2) / (2 * sigma**2))
+  assert w[0, 31] == pytest.approx(expected / np.exp(-(0.5**2) / (2 * sigma**2)) ** 2, rel=1e-4)
+
+
+def test_test_time_augmentation_averages_the_flipped_predictions():
+  predictor = _predictor(depth=2, base_width=4)
+  state = jax.tree_util.tree_map(lambda x: x.addressable_data(0), predictor.state)
+  tiles = jnp.asarray(_image(32, 32)[None].astype(np.float32) / 255.0)
+  plain = lambda t: predict_tiles(state, t)  # noqa: E731
+  expected = (
+    plain(tiles)
+    + jnp.flip(plain(jnp.flip(tiles, 2)), 2)
+    + jnp.flip(plain(jnp.flip(tiles, 1)), 1)
+    + jnp.flip(plain(jnp.flip(tiles, (1, 2))), (1, 2))
+  ) / 4
+  np.testing.assert_allclose(predict_tiles(state, tiles, tta="flips"), expected, atol=1e-6)
+  assert not np.allclose(expected, plain(tiles), atol=1e-4)
+  # the 8 dihedral transforms: a rotated image gives the rotated prediction
+  eight = predict_tiles(state, tiles, tta="flips_rot90")
+  rotated = predict_tiles(state, jnp.rot90(tiles, 1, axes=(1, 2)), tta="flips_rot90")
+  np.testing.assert_allclose(jnp.rot90(eight, 1, axes=(1, 2)), rotated, atol=1e-5)
+
+
+def test_tiled_prediction_of_a_1024_image_compiles_once(caplog):
+  predictor = _predictor(depth=2, base_width=4)
+  image = _image(1024, 1024)
+  tiling = Tiling(mode="sliding_window", tile_size=128, overlap=0.25, batch=8)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    labels = predictor.predict_labels(image, tiling)
+  compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+  assert len(compiled) == 1, compiled
+  assert labels.shape == (1024, 1024)
+
+
+def test_instances_drop_small_components():
+  predictor = _predictor(depth=2, base_width=4)
+  instances = predictor.predict_instances(_image(48, 48), Tiling(mode="whole"), min_size=5)
+  labels = predictor.predict_labels(_image(48, 48), Tiling(mode="whole"))
+  assert instances.dtype == np.int32 and instances.shape == (48, 48)
+  assert ((instances > 0) <= (labels > 0)).all()
+  sizes = np.bincount(instances.ravel())[1:]
+  assert (sizes >= 5).all()
+
+
+def test_bad_tiling_options_are_clear_errors():
+  with pytest.raises(SegjaxError, match="unknown --tiling 'tiles'"):
+    Tiling(mode="tiles")
+  with pytest.raises(SegjaxError, match="--overlap must be in"):
+    Tiling(overlap=1.0)
+  with pytest.raises(SegjaxError, match="unknown --tta 'all'"):
+    Tiling(tta="all")
+
+
+def test_predict_tiled_logits_blend_like_probabilities():
+  predictor = _predictor(depth=2, base_width=4)
+  state = predictor.state
+  image = _image(40, 40).astype(np.float32) / 255.0
+  plan = sliding_window_plan(40, 40, 40, 0.5)
+  logits = predict_tiled(state, image, plan, output="logits")
+  probabilities = predict_tiled(state, image, plan)
+  np.testing.assert_allclose(jax.nn.softmax(logits, -1), probabilities, atol=1e-5)
