@@ -114,7 +114,8 @@ def restore_latest(
 
   A checkpoint whose files cannot be read (cut short, truncated, deleted parts) is renamed to ``<step>.damaged``
   with a warning naming it, and the next older one is tried. A checkpoint that reads but does not fit ``template``
-  is refused: its config is compared with ``config`` and the SegjaxError names the differing keys.
+  is refused, never set aside: the SegjaxError names the config keys that differ from ``config``, or says that the
+  state's layout differs.
 
   Returns:
     ``(state, data_state)``, or None when no checkpoint is left.
@@ -131,13 +132,19 @@ def restore_latest(
     try:
       return restore_state(manager, template, step), restore_data_state(manager, step)
     except Exception as e:  # Orbax raises assorted errors for missing files and for structure or shape mismatches
-      if not differing:
-        _set_aside(manager, step, e)
-        continue
-      raise SegjaxError(
-        f"the checkpoint at step {step} in '{manager.directory}' does not fit this config (differing keys: "
-        f"{', '.join(differing)}); resume with the original config or pass a new --workdir."
-      ) from e
+      if differing:
+        raise SegjaxError(
+          f"the checkpoint at step {step} in '{manager.directory}' does not fit this config (differing keys: "
+          f"{', '.join(differing)}); resume with the original config or pass a new --workdir."
+        ) from e
+      if _structure_mismatch(e):  # same config, other state layout: written by different code, not damaged
+        raise SegjaxError(
+          f"the checkpoint at step {step} in '{manager.directory}' holds a state of another layout than this "
+          f"version of segjax builds ({str(e).splitlines()[0][:150]}); resume with the version that wrote it or "
+          "pass a new --workdir."
+        ) from e
+      _set_aside(manager, step, e)
+      continue
   return None
 
 
@@ -169,8 +176,20 @@ def restore_state(manager: ocp.CheckpointManager, template: TrainState, step: in
   """Restores the state saved at ``step`` (default: the latest) into the structure of ``template``."""
   step = manager.latest_step() if step is None else step
   target = serialization.to_state_dict(template)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  except ValueError as e:
+    # A checkpoint written before the optional parts of the state (ema, loss_scale) existed lacks their entries.
+    optional = {k: v for k, v in target.items() if v is not None}
+    if not _structure_mismatch(e) or optional.keys() == target.keys():
+      raise
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(optional)))
   return serialization.from_state_dict(template, _fill_empty(target, restored["state"]))
+
+
+def _structure_mismatch(error: Exception) -> bool:
+  """Whether Orbax refused a restore because the saved tree differs from the target (not because of bad files)."""
+  return isinstance(error, ValueError) and "structure" in str(error).lower()
 
 
 def restore_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:

@@ -229,3 +229,42 @@ def test_two_processes_with_two_devices_each_train_like_one_process_with_four(tm
     ours, theirs = json.load(f), json.load(g)
   assert ours["validation"]["mean_iou"] == pytest.approx(theirs["validation"]["mean_iou"], abs=1e-5)
   shutil.rmtree(workdir)
+
+
+def _save_raw(workdir, state_dict, config):
+  import orbax.checkpoint as ocp
+
+  manager = checkpoint.create_manager(workdir)
+  manager.save(
+    int(state_dict["step"]),
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state_dict), config=ocp.args.JsonSave(config.to_dict())),
+  )
+  manager.wait_until_finished()
+  return manager
+
+
+def test_checkpoints_of_older_layouts_restore_and_foreign_layouts_are_refused_not_set_aside(tmp_path):
+  import optax
+  from flax import serialization
+
+  from segjax.errors import SegjaxError
+  from segjax.models import get_model
+  from segjax.train.state import create_train_state
+
+  model = get_model("unet", num_classes=2, depth=2, base_width=4)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.adam(1e-3), (1, 16, 16, 1))
+  state = state.replace(step=state.step + 5, params=jax.tree_util.tree_map(lambda x: x + 1.0, state.params))
+  config = tiny.get_config()
+  # written before the state had its optional ema and loss_scale entries
+  older = {k: v for k, v in serialization.to_state_dict(state).items() if k not in ("ema", "loss_scale")}
+  manager = _save_raw(str(tmp_path / "older"), older, config)
+  template = create_train_state(jax.random.PRNGKey(1), model, optax.adam(1e-3), (1, 16, 16, 1))
+  restored, _ = checkpoint.restore_latest(manager, template, config)
+  assert int(restored.step) == 5 and restored.ema is None
+  chex.assert_trees_all_equal(restored.params, state.params)
+  # a layout this code does not build (an unknown entry), with the same config: refused, and left where it is
+  foreign = {**serialization.to_state_dict(state), "extra": np.zeros(3, np.float32)}
+  manager = _save_raw(str(tmp_path / "foreign"), foreign, config)
+  with pytest.raises(SegjaxError, match="holds a state of another layout"):
+    checkpoint.restore_latest(manager, template, config)
+  assert os.listdir(checkpoint.checkpoint_dir(str(tmp_path / "foreign"))) == ["5"]
