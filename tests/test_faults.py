@@ -44,7 +44,8 @@ def _final_state(workdir, like=None):
   return jax.tree_util.tree_map(np.asarray, restored)
 
 
-def _train_command(workdir, tfds_dir, steps, *extra):
+def _train_command(workdir, tfds_dir, *flags):
+  """``experiments.train`` on the tiny config, without sample pictures, plus ``flags``."""
   return [
     sys.executable,
     "-m",
@@ -52,14 +53,16 @@ def _train_command(workdir, tfds_dir, steps, *extra):
     "--config=experiments/configs/tiny.py",
     f"--workdir={workdir}",
     f"--config.data.tfds_data_dir={tfds_dir}",
-    f"--config.num_train_steps={steps}",
-    "--config.checkpoint_every_steps=3",
-    "--config.log_every_steps=1",
-    f"--config.eval_every_steps={steps}",
     "--config.num_sample_images=0",
     "--config.num_test_images=0",
-    *extra,
+    *flags,
   ]
+
+
+def _long_run(workdir, tfds_dir, steps):
+  """A run long enough to be interrupted, logging every step and checkpointing every 3."""
+  flags = ("--config.checkpoint_every_steps=3", "--config.log_every_steps=1", f"--config.eval_every_steps={steps}")
+  return _train_command(workdir, tfds_dir, f"--config.num_train_steps={steps}", *flags)
 
 
 def _logged_step(workdir) -> int:
@@ -91,12 +94,12 @@ def test_sigkill_and_sigterm_mid_run_then_resume_give_bitwise_the_uninterrupted_
   train_and_evaluate(config, reference)
 
   workdir = str(tmp_path / "interrupted")
-  code, output = _start_and_signal(_train_command(workdir, tfds_dir, steps), workdir, 7, signal.SIGKILL)
+  code, output = _start_and_signal(_long_run(workdir, tfds_dir, steps), workdir, 7, signal.SIGKILL)
   assert code == -signal.SIGKILL, output[-2000:]  # killed mid-run, not finished
   killed_at = _logged_step(workdir)
   assert 7 <= killed_at < steps
 
-  code, output = _start_and_signal(_train_command(workdir, tfds_dir, steps), workdir, killed_at + 6, signal.SIGTERM)
+  code, output = _start_and_signal(_long_run(workdir, tfds_dir, steps), workdir, killed_at + 6, signal.SIGTERM)
   assert code == 0, output[-2000:]
   match = [line for line in output.splitlines() if "after SIGTERM" in line]
   assert match, output[-2000:]
@@ -104,7 +107,7 @@ def test_sigkill_and_sigterm_mid_run_then_resume_give_bitwise_the_uninterrupted_
   assert killed_at < stopped_at < steps
   assert checkpoint.create_manager(workdir, read_only=True).latest_step() == stopped_at  # saved where it stopped
 
-  result = subprocess.run(_train_command(workdir, tfds_dir, steps), cwd=ROOT, capture_output=True, text=True)
+  result = subprocess.run(_long_run(workdir, tfds_dir, steps), cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resuming from step {stopped_at}" in result.stdout
   chex.assert_trees_all_equal(_final_state(workdir), _final_state(reference))  # bitwise
@@ -196,18 +199,7 @@ def test_two_processes_with_two_devices_each_train_like_one_process_with_four(tm
   workdir = str(tmp_path / "multihost")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
   port = _free_port()
-  command = [
-    sys.executable,
-    "-m",
-    "experiments.train",
-    "--config=experiments/configs/tiny.py",
-    f"--workdir={workdir}",
-    f"--config.data.tfds_data_dir={tfds_dir}",
-    "--config.num_sample_images=0",
-    "--config.num_test_images=0",
-    f"--coordinator_address=localhost:{port}",
-    "--num_processes=2",
-  ]
+  command = _train_command(workdir, tfds_dir, f"--coordinator_address=localhost:{port}", "--num_processes=2")
   logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # files, not pipes: no process blocks on output
   processes = [
     subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
