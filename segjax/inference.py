@@ -161,6 +161,9 @@ def save_outputs(
 def load_predictor(workdir: str, step: int | None = None) -> Predictor:
   """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none."""
   config, step = checkpoint.restore_config(workdir, step)
+  from segjax.train.loop import import_modules
+
+  import_modules(config.get("imports", ()))  # modules that registered the run's model, loss, ...
   info = config.dataset_info
   model = create_model(config.model, model_outputs(config.loss, info.num_classes), dtype=compute_dtype(config))
   tx = create_optimizer(config.optimizer, config.num_train_steps)

@@ -16,6 +16,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variant = variant or "gray"
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Modules imported before anything is built: where a research project registers its own models, losses, metrics,
+  # augmentations or data sets (saved with the checkpoint, so experiments.predict imports them too).
+  config.imports = ()
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic_cells"

@@ -8,9 +8,11 @@ end it evaluates the validation and test splits, plots curves and a sample grid,
 """
 
 import functools
+import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -63,8 +65,21 @@ POSITIVE_KEYS = (
 )
 
 
+def import_modules(names) -> None:
+  """Imports the modules named in ``config.imports`` (e.g. a research project's models, losses or data sets, which
+  register themselves on import); SegjaxError names a module that cannot be imported."""
+  for name in names or ():
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise SegjaxError(
+        f"cannot import module '{name}' (config key imports): {e}; make it importable (PYTHONPATH) or remove it."
+      ) from e
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every name and interval of an experiment config before any work (data preparation included) starts."""
+  import_modules(config.get("imports", ()))
   for key in POSITIVE_KEYS:
     value = config.get(key)
     if not isinstance(value, int) or value <= 0:
@@ -364,7 +379,12 @@ def predict_split(
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.Device] | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  devices: list[jax.Device] | None = None,
+  make_objective: Callable[[Any], Callable] | None = None,
+  make_step: Callable[..., Callable] = make_train_step,
 ) -> dict[str, Any]:
   """Trains, evaluates, checkpoints and writes the run's outputs into ``workdir``.
 
@@ -378,6 +398,10 @@ def train_and_evaluate(
     config: the experiment config (see ``experiments/configs/synthetic_cells.py`` for every key).
     workdir: the run directory; created if missing.
     devices: the devices to train on; default all devices of all processes.
+    make_objective: ``make_objective(loss_fn) -> objective`` changes what is differentiated (e.g. adds a
+      regulariser; see :func:`segjax.train.step.make_gradient_fn`), keeping everything else of the standard step.
+    make_step: builds the pure train step, called as ``make_step(loss_fn, augment_fn, axis_name=,
+      grad_accum_steps=, ema_decay=, objective=)``; default :func:`segjax.train.step.make_train_step`.
 
   Returns:
     The final summary: ``{'validation': metrics, 'test': metrics, 'steps', 'train_seconds_this_run', ...}``, or
@@ -441,12 +465,13 @@ def train_and_evaluate(
   start_step = int(parallel.fetch(state.step))
 
   loss_fn = get_loss(config.loss)
-  step_fn = make_train_step(
+  step_fn = make_step(
     loss_fn,
     make_augment_fn(config.augment),
     axis_name=parallel.DATA_AXIS if use_pmap else None,
     grad_accum_steps=config.get("grad_accum_steps", 1),
     ema_decay=ema_decay,
+    objective=make_objective(loss_fn) if make_objective else None,
   )
   train_step, place_batch = parallel.compile_train_step(step_fn, mesh, config.get("parallelism", "jit"))
   eval_step = jax.jit(make_eval_step(loss_fn, dataset.num_classes))

@@ -111,7 +111,7 @@ def micro_batches(batch: Batch, count: int) -> Batch:
   return jax.tree_util.tree_map(split, batch)
 
 
-def make_gradient_fn(loss_fn: LossFn, grad_accum_steps: int = 1) -> Callable:
+def make_gradient_fn(loss_fn: LossFn, grad_accum_steps: int = 1, *, objective: Callable | None = None) -> Callable:
   """Returns ``gradients(state, batch, rng) -> (loss, pixel_accuracy, batch_stats, grads)`` of a batch.
 
   With ``grad_accum_steps = k > 1`` the batch is split into k micro-batches (:func:`micro_batches`) whose gradients
@@ -121,8 +121,12 @@ def make_gradient_fn(loss_fn: LossFn, grad_accum_steps: int = 1) -> Callable:
 
   With a float16 :class:`~segjax.train.state.LossScale` in the state, the gradients returned are of the loss times
   the scale (the caller divides and checks them).
+
+  ``objective`` replaces what is differentiated: ``objective(params, state, batch, rng) -> (scalar,
+  (logits, batch_stats))`` like :func:`make_loss_fn`'s (default ``make_loss_fn(loss_fn)``), e.g. the loss plus a
+  regulariser of ``params``.
   """
-  objective = make_loss_fn(loss_fn)
+  objective = objective or make_loss_fn(loss_fn)
 
   def one(state: TrainState, batch: Batch, rng: jax.Array):
     scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
@@ -178,6 +182,7 @@ def make_train_step(
   axis_name: str | None = None,
   grad_accum_steps: int = 1,
   ema_decay: float = 0.0,
+  objective: Callable | None = None,
 ) -> Callable[[TrainState, Batch], tuple]:
   """Builds the pure train step.
 
@@ -191,13 +196,14 @@ def make_train_step(
       ``jit`` (sharded or not), where the step is written for the global batch.
     grad_accum_steps: micro-batches per step (:func:`make_gradient_fn`).
     ema_decay: if positive, ``state.ema`` (see :func:`~segjax.train.state.create_train_state`) follows the weights.
+    objective: what is differentiated, see :func:`make_gradient_fn`; the logged ``loss`` is its value.
 
   Returns:
     ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss``, ``pixel_accuracy``,
     ``grad_norm`` and ``param_norm`` (the latter after the update, so a blown-up state shows as non-finite), and with
     float16 loss scaling ``loss_scale`` and ``skipped`` (1 for a step skipped for non-finite gradients).
   """
-  gradients = make_gradient_fn(loss_fn, grad_accum_steps)
+  gradients = make_gradient_fn(loss_fn, grad_accum_steps, objective=objective)
 
   def train_step(state: TrainState, batch: Batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
