@@ -38,6 +38,68 @@ def he_normal(mode: str = "fan_in") -> jax.nn.initializers.Initializer:
   return nn.initializers.variance_scaling(2.0, mode, "normal")
 
 
+LECUN_NORMAL = nn.initializers.lecun_normal()  # nn.Conv's default kernel init
+
+POINTWISE_AS_MATMUL: bool | None = None
+"""How 1x1 convolutions run: as matrix products (True), as XLA convolutions (False), or None: matrix products on the
+CPU backend only, where XLA's convolution kernels are several times slower for 1x1 kernels (most of all their weight
+gradients; see BENCHMARKS.md). The parameters and the result are the same either way (tests)."""
+
+
+class PointwiseConv(nn.Module):
+  """A 1x1 convolution, optionally strided, computed as ``x[:, ::s, ::s] @ kernel[0, 0]`` (+ bias).
+
+  Drop-in for ``nn.Conv(features, (1, 1), strides=s)`` with ``'VALID'`` or ``'SAME'`` padding (equal for 1x1
+  kernels): the same parameter names, shapes and initialisation, and the same output.
+  """
+
+  features: int
+  strides: int = 1
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = LECUN_NORMAL
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if self.strides > 1:
+      x = x[:, :: self.strides, :: self.strides]
+    y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + bias
+
+
+def conv(
+  features: int,
+  kernel_size: int,
+  *,
+  strides: int = 1,
+  padding: Any = "SAME",
+  use_bias: bool = True,
+  dtype: Any = None,
+  kernel_init: Callable = LECUN_NORMAL,
+  name: str | None = None,
+) -> nn.Module:
+  """A square convolution: ``nn.Conv``, or for a 1x1 kernel on CPU a :class:`PointwiseConv` (same parameters and
+  result, faster there; see :data:`POINTWISE_AS_MATMUL`)."""
+  as_matmul = POINTWISE_AS_MATMUL if POINTWISE_AS_MATMUL is not None else jax.default_backend() == "cpu"
+  if kernel_size == 1 and as_matmul:
+    return PointwiseConv(features, strides=strides, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding=padding,
+    use_bias=use_bias,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    name=name,
+  )
+
+
 def batch_norm(
   *,
   train: bool,

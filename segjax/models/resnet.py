@@ -24,19 +24,19 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import ModelConstructor, register_model
-from segjax.models.layers import batch_norm, he_normal
+from segjax.models.layers import batch_norm, conv, he_normal
 
 PAD_1 = ((1, 1), (1, 1))
 PAD_3 = ((3, 3), (3, 3))
 SHORTCUTS = ("A", "B")
 
 
-def _conv(features: int, kernel: int, strides: int, padding: Any, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, strides: int, padding: Any, dtype: Any, name: str) -> nn.Module:
   # Convs feed a BatchNorm, whose beta makes a conv bias redundant; torchvision's fan-out He init.
-  return nn.Conv(
+  return conv(
     features,
-    (kernel, kernel),
-    strides=(strides, strides),
+    kernel,
+    strides=strides,
     padding=padding,
     use_bias=False,
     dtype=dtype,
