@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import segjax.models.resnet_unet  # noqa: F401  (registers resnet*_unet)
+from experiments.torch_models import torchvision_layout_resnet
 from segjax import convert, models
 from segjax.errors import SegjaxError
 from segjax.models.resnet import BasicBlock, ResNet
@@ -27,101 +28,6 @@ SIDE = 67  # odd: exercises the padding arithmetic of every strided layer
 @pytest.fixture(scope="module")
 def torch():
   return pytest.importorskip("torch")
-
-
-def torchvision_layout_resnet(torch, bottleneck: bool, layers: tuple[int, ...], num_classes: int, seed: int):
-  """A torchvision-layout ResNet with random weights and random BN running statistics, in eval mode."""
-  tnn = torch.nn
-
-  class Basic(tnn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride, downsample):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(planes)
-      self.relu = tnn.ReLU(inplace=True)
-      self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(planes)
-      self.downsample = downsample
-
-    def forward(self, x):
-      identity = x if self.downsample is None else self.downsample(x)
-      y = self.relu(self.bn1(self.conv1(x)))
-      return self.relu(self.bn2(self.conv2(y)) + identity)
-
-  class Bottleneck(tnn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride, downsample):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(planes)
-      self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # v1.5
-      self.bn2 = tnn.BatchNorm2d(planes)
-      self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-      self.bn3 = tnn.BatchNorm2d(planes * 4)
-      self.relu = tnn.ReLU(inplace=True)
-      self.downsample = downsample
-
-    def forward(self, x):
-      identity = x if self.downsample is None else self.downsample(x)
-      y = self.relu(self.bn1(self.conv1(x)))
-      y = self.relu(self.bn2(self.conv2(y)))
-      return self.relu(self.bn3(self.conv3(y)) + identity)
-
-  block = Bottleneck if bottleneck else Basic
-
-  class TorchResNet(tnn.Module):
-    def __init__(self):
-      super().__init__()
-      self.inplanes = 64
-      self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.bn1 = tnn.BatchNorm2d(64)
-      self.relu = tnn.ReLU(inplace=True)
-      self.maxpool = tnn.MaxPool2d(3, 2, 1)
-      self.layer1 = self._make_layer(64, layers[0], 1)
-      self.layer2 = self._make_layer(128, layers[1], 2)
-      self.layer3 = self._make_layer(256, layers[2], 2)
-      self.layer4 = self._make_layer(512, layers[3], 2)
-      self.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
-      self.fc = tnn.Linear(512 * block.expansion, num_classes)
-
-    def _make_layer(self, planes, blocks, stride):
-      downsample = None
-      if stride != 1 or self.inplanes != planes * block.expansion:
-        downsample = tnn.Sequential(
-          tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-          tnn.BatchNorm2d(planes * block.expansion),
-        )
-      stage = [block(self.inplanes, planes, stride, downsample)]
-      self.inplanes = planes * block.expansion
-      stage += [block(self.inplanes, planes, 1, None) for _ in range(1, blocks)]
-      return tnn.Sequential(*stage)
-
-    def features(self, x):
-      x = self.relu(self.bn1(self.conv1(x)))
-      out = [x]
-      x = self.maxpool(x)
-      for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-        x = stage(x)
-        out.append(x)
-      return out
-
-    def forward(self, x):
-      x = self.features(x)[-1]
-      return self.fc(torch.flatten(self.avgpool(x), 1))
-
-  torch.manual_seed(seed)
-  model = TorchResNet()
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, tnn.BatchNorm2d):  # non-trivial eval-mode BN
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.2)
-        module.running_mean.normal_(0.0, 0.2)
-        module.running_var.uniform_(0.5, 2.0)
-  return model.eval()
 
 
 def nchw(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,252 @@
+"""Times segjax's compiled train steps and inference against PyTorch on the same models, batches, loss and optimizer.
+
+  python -m experiments.benchmark                                  # the three cases below, table + BENCHMARK.json
+  python -m experiments.benchmark --cases=unet --steps=20 --json=unet.json
+  python -m experiments.benchmark --dtype=bfloat16 --notorch       # on an accelerator
+
+Cases: ``unet`` (same-padded, base width 32, depth 4, BN, batch 4 of 256x256x1, 2 classes, Adam), ``unet_valid``
+(the paper's U-Net, one 572x572 tile, SGD momentum 0.99), ``resnet50`` (batch 16 of 224x224x3, 1000 classes, SGD
+momentum 0.9). For each: compile time, median step time over --steps steps after warm-up, images/s, XLA's FLOPs of
+the step, achieved GFLOP/s and its fraction of a measured matrix-multiply peak; with torch installed also PyTorch
+eager and ``torch.compile`` (channels-last) and the ratio segjax / PyTorch eager in images/s.
+"""
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+from experiments import cli
+from segjax import benchmark
+from segjax.errors import SegjaxError
+from segjax.losses import softmax_cross_entropy
+from segjax.models import get_model
+from segjax.train.state import create_train_state
+from segjax.train.step import make_train_step, predict_logits
+
+_CASES = flags.DEFINE_list("cases", ["unet", "unet_valid", "resnet50"], "Benchmark cases to run.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) one.")
+_TORCH = flags.DEFINE_boolean("torch", True, "Also time PyTorch (eager and torch.compile) when it is installed.")
+_TORCH_COMPILE = flags.DEFINE_boolean("torch_compile", True, "Include torch.compile.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "segjax activation dtype.")
+_JSON = flags.DEFINE_string("json", "BENCHMARK.json", "Where to write the results as JSON ('' for none).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  model: str
+  kwargs: dict
+  batch: int
+  size: int
+  channels: int
+  classes: int
+  optimizer: str  # 'adam' or 'sgd:<momentum>'
+  classifier: bool = False
+
+
+CASES = {
+  "unet": Case("unet", "unet", {"depth": 4, "base_width": 32, "norm": "batch"}, 4, 256, 1, 2, "adam"),
+  "unet_valid": Case("unet_valid", "unet_valid", {}, 1, 572, 1, 2, "sgd:0.99"),
+  "resnet50": Case("resnet50", "resnet50", {}, 16, 224, 3, 1000, "sgd:0.9", classifier=True),
+}
+
+
+def _jax_optimizer(spec: str) -> optax.GradientTransformation:
+  return optax.adam(1e-4) if spec == "adam" else optax.sgd(1e-3, momentum=float(spec.split(":")[1]))
+
+
+def _classifier_step(state, batch):
+  def objective(params):
+    logits, updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"]).mean(), updates
+
+  (loss, updates), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"]), {"loss": loss}
+
+
+def run_jax(case: Case, dtype, peak: float) -> list[dict]:
+  """The train step and eval-mode inference of ``case`` in segjax: one row each."""
+  model = get_model(case.model, num_classes=case.classes, dtype=dtype, **case.kwargs)
+  shape = (case.batch, case.size, case.size, case.channels)
+  state = create_train_state(jax.random.PRNGKey(0), model, _jax_optimizer(case.optimizer), (1, *shape[1:]))
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.random(shape, np.float32))
+  # labels at the input's size: the step centre-crops them to the unpadded U-Net's smaller output
+  label_shape = (case.batch,) if case.classifier else shape[:3]
+  batch = {"image": image, "label": jnp.asarray(rng.integers(0, case.classes, label_shape).astype(np.int32))}
+  step = jax.jit(_classifier_step if case.classifier else make_train_step(softmax_cross_entropy), donate_argnums=0)
+  compile_s, flops = benchmark.compile_time_and_flops(step, state, batch)
+  _, times, state = benchmark.time_steps(step, state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
+  rows = [_row(case, "train", "segjax", compile_s, times, flops, peak)]
+  infer = jax.jit(lambda s, x: (s, predict_logits(s, x)))
+  compile_s, flops = benchmark.compile_time_and_flops(infer, state, image)
+  _, times, _ = benchmark.time_steps(infer, state, image, steps=_STEPS.value, warmup=_WARMUP.value)
+  rows.append(_row(case, "inference", "segjax", compile_s, times, flops, peak))
+  return rows
+
+
+def _row(case: Case, phase: str, framework: str, compile_s: float, times: list[float], flops, peak) -> dict:
+  median = float(np.median(times))
+  row = {
+    "case": case.name,
+    "phase": phase,
+    "framework": framework,
+    "compile_s": round(compile_s, 2),
+    "median_ms": round(median * 1e3, 1),
+    "images_per_s": round(case.batch / median, 2),
+  }
+  if flops:  # XLA's count for the segjax step; PyTorch rows reuse it (same model, same work)
+    gflops = flops / median / 1e9
+    row.update(gflop=round(flops / 1e9, 1), gflops=round(gflops, 1), peak_fraction=round(gflops / peak, 3))
+  return row
+
+
+def run_torch(case: Case, torch, compiled: bool, jax_flops: dict, peak: float) -> list[dict]:
+  """The same train step in PyTorch, channels-last, eager or ``torch.compile``d."""
+  from experiments.torch_models import torch_unet, torchvision_layout_resnet
+
+  torch.manual_seed(0)
+  if case.classifier:
+    model = torchvision_layout_resnet(torch, True, (3, 4, 6, 3), num_classes=case.classes, seed=0).train()
+  else:
+    kwargs = CASES[case.name].kwargs
+    valid = case.model == "unet_valid"
+    model = torch_unet(
+      torch,
+      depth=kwargs.get("depth", 4),
+      width=kwargs.get("base_width", 64),
+      in_channels=case.channels,
+      num_classes=case.classes,
+      valid=valid,
+      norm=kwargs.get("norm", "none") == "batch",
+    )
+  model = model.to(memory_format=torch.channels_last)
+  if case.optimizer == "adam":
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+  else:
+    optimizer = torch.optim.SGD(model.parameters(), 1e-3, momentum=float(case.optimizer.split(":")[1]))
+  x = torch.rand(case.batch, case.channels, case.size, case.size).to(memory_format=torch.channels_last)
+  with torch.no_grad():
+    out_shape = model(x).shape
+  y = torch.randint(0, case.classes, (case.batch,) if case.classifier else (case.batch, *out_shape[2:]))
+  forward = torch.compile(model) if compiled else model
+
+  def step(_, __=None):
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(forward(x), y)
+    loss.backward()
+    optimizer.step()
+    return (None, loss.detach())
+
+  name = "torch compile" if compiled else "torch eager"
+  first, times = _time_torch(step)
+  rows = [_row(case, "train", name, first - float(np.median(times)), times, jax_flops.get("train"), peak)]
+  model.eval()
+
+  def infer(_, __=None):
+    with torch.no_grad():
+      return (None, forward(x))
+
+  first, times = _time_torch(infer)
+  rows.append(_row(case, "inference", name, first - float(np.median(times)), times, jax_flops.get("inference"), peak))
+  return rows
+
+
+def _time_torch(step) -> tuple[float, list[float]]:
+  start = time.perf_counter()
+  step(None)
+  first = time.perf_counter() - start
+  for _ in range(_WARMUP.value):
+    step(None)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    step(None)
+    times.append(time.perf_counter() - start)
+  return first, times
+
+
+def format_table(rows: list[dict], peak: float) -> str:
+  header = [
+    "case",
+    "phase",
+    "framework",
+    "compile s",
+    "median ms",
+    "images/s",
+    "GFLOP",
+    "GFLOP/s",
+    "% peak",
+    "vs eager",
+  ]
+  eager = {(r["case"], r["phase"]): r["images_per_s"] for r in rows if r["framework"] == "torch eager"}
+  lines = [
+    f"matrix-multiply peak: {peak:.0f} GFLOP/s ({jax.devices()[0].device_kind})",
+    "| " + " | ".join(header) + " |",
+  ]
+  lines.append("|" + "---|" * len(header))
+  for r in rows:
+    ratio = r["images_per_s"] / eager[(r["case"], r["phase"])] if (r["case"], r["phase"]) in eager else None
+    r["vs_torch_eager"] = round(ratio, 2) if ratio else None
+    peak_pct = f"{100 * r['peak_fraction']:.0f}%" if r.get("peak_fraction") else ""
+    cells = [
+      r["case"],
+      r["phase"],
+      r["framework"],
+      f"{r['compile_s']:.1f}",
+      f"{r['median_ms']:.1f}",
+      f"{r['images_per_s']:.2f}",
+      f"{r.get('gflop', '')}",
+      f"{r.get('gflops', '')}",
+      peak_pct,
+      f"{ratio:.2f}x" if ratio else "",
+    ]
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+  peak = benchmark.matmul_peak_gflops(dtype=dtype)
+  torch = None
+  if _TORCH.value:
+    try:
+      import torch
+    except ImportError:
+      print("torch is not installed: timing segjax only")
+  rows = []
+  for name in _CASES.value:
+    if name not in CASES:
+      raise SegjaxError(f"unknown --cases '{name}'; available: {', '.join(CASES)}.")
+    case = CASES[name]
+    jax_rows = run_jax(case, dtype, peak)
+    rows += jax_rows
+    print(json.dumps(jax_rows), flush=True)
+    if torch is not None:
+      flops = {r["phase"]: r.get("gflop", 0) * 1e9 for r in jax_rows}
+      for compiled in (False, True) if _TORCH_COMPILE.value else (False,):
+        try:
+          torch_rows = run_torch(case, torch, compiled, flops, peak)
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a C++ compiler: report and go on
+          print(f"PyTorch {'compile' if compiled else 'eager'} failed on {name}: {type(e).__name__}: {e}")
+          continue
+        rows += torch_rows
+        print(json.dumps(torch_rows), flush=True)
+  print(format_table(rows, peak))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"peak_gflops": peak, "device": str(jax.devices()[0]), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  cli.run(main)
