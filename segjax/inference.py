@@ -44,10 +44,12 @@ class Predictor:
 
   @property
   def num_channels(self) -> int:
+    """Image channels the model takes (1 or 3)."""
     return int(self.config.dataset_info.num_channels)
 
   @property
   def num_classes(self) -> int:
+    """Classes of the data set the model was trained on."""
     return int(self.config.dataset_info.num_classes)
 
   def default_tile_size(self) -> int:

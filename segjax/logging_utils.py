@@ -42,10 +42,12 @@ class MetricWriter:
     self._events.add_event(event)
 
   def flush(self) -> None:
+    """Writes buffered TensorBoard events to disk."""
     if self.enabled:
       self._events.flush()
 
   def close(self) -> None:
+    """Flushes and closes the TensorBoard writer."""
     if self.enabled:
       self._events.flush()
       self._events.close()

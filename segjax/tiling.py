@@ -102,6 +102,7 @@ class TilePlan:
 
   @property
   def num_tiles(self) -> int:
+    """How many tiles the image is cut into."""
     return len(self.input_origins)
 
 

@@ -44,6 +44,7 @@ class LossScale(struct.PyTreeNode):
 
   @classmethod
   def create(cls, initial_scale: float = 2.0**15, growth_interval: int = 2000) -> "LossScale":
+    """A scale of ``initial_scale`` that doubles after ``growth_interval`` finite steps in a row."""
     return cls(jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32), growth_interval)
 
   def update(self, finite: jax.Array) -> "LossScale":
