@@ -41,9 +41,10 @@ def he_normal(mode: str = "fan_in") -> jax.nn.initializers.Initializer:
 LECUN_NORMAL = nn.initializers.lecun_normal()  # nn.Conv's default kernel init
 
 POINTWISE_AS_MATMUL: bool | None = None
-"""How 1x1 convolutions run: as matrix products (True), as XLA convolutions (False), or None: matrix products on the
-CPU backend only, where XLA's convolution kernels are several times slower for 1x1 kernels (most of all their weight
-gradients; see BENCHMARKS.md). The parameters and the result are the same either way (tests)."""
+"""How 1x1 convolutions and 2x2 stride-2 up-convolutions run: as matrix products (True), as XLA convolutions (False),
+or None: matrix products on the CPU backend only, where XLA's convolution kernels are several times slower for them
+(most of all their weight gradients; see BENCHMARKS.md). The parameters and the result are the same either way
+(tests)."""
 
 
 class PointwiseConv(nn.Module):
@@ -72,6 +73,48 @@ class PointwiseConv(nn.Module):
     return y if bias is None else y + bias
 
 
+class UpConv2x2(nn.Module):
+  """The U-Net's 2x2 stride-2 up-convolution (Ronneberger et al. 2015, Sec. 2) as one matrix product to 4 x features
+  channels followed by depth-to-space: output pixel (2i + a, 2j + b) is ``x[i, j] @ kernel[1 - a, 1 - b]`` (+ bias).
+
+  Drop-in for ``nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID')``: the same parameter names,
+  shapes and initialisation, and the same output.
+  """
+
+  features: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = LECUN_NORMAL
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    batch, height, width, _ = x.shape
+    # (C, a, b, O) with the spatial taps flipped, as the transposed convolution applies them
+    weights = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(x.shape[-1], 4 * self.features)
+    y = jax.lax.dot_general(x, weights, (((3,), (0,)), ((), ()))).reshape(batch, height, width, 2, 2, self.features)
+    y = jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(batch, 2 * height, 2 * width, self.features)
+    return y + bias
+
+
+def up_convolution(features: int, *, dtype: Any = None, kernel_init: Callable = LECUN_NORMAL, name=None) -> nn.Module:
+  """The 2x2 stride-2 transposed convolution: ``nn.ConvTranspose``, or on CPU :class:`UpConv2x2` (same parameters
+  and result; XLA:CPU's weight gradient of the transposed convolution is about 20x slower than the matrix product,
+  see BENCHMARKS.md and :data:`POINTWISE_AS_MATMUL`)."""
+  if _as_matmul():
+    return UpConv2x2(features, dtype=dtype, kernel_init=kernel_init, name=name)
+  return nn.ConvTranspose(
+    features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, kernel_init=kernel_init, name=name
+  )
+
+
+def _as_matmul() -> bool:
+  return POINTWISE_AS_MATMUL if POINTWISE_AS_MATMUL is not None else jax.default_backend() == "cpu"
+
+
 def conv(
   features: int,
   kernel_size: int,
@@ -85,8 +128,7 @@ def conv(
 ) -> nn.Module:
   """A square convolution: ``nn.Conv``, or for a 1x1 kernel on CPU a :class:`PointwiseConv` (same parameters and
   result, faster there; see :data:`POINTWISE_AS_MATMUL`)."""
-  as_matmul = POINTWISE_AS_MATMUL if POINTWISE_AS_MATMUL is not None else jax.default_backend() == "cpu"
-  if kernel_size == 1 and as_matmul:
+  if kernel_size == 1 and _as_matmul():
     return PointwiseConv(features, strides=strides, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
   return nn.Conv(
     features,

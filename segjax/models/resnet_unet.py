@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
-from segjax.models.layers import DoubleConv, check_choice, check_norm, he_normal
+from segjax.models.layers import DoubleConv, check_choice, check_norm, he_normal, up_convolution
 from segjax.models.resnet import resnet_encoder
 
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -98,9 +98,7 @@ class ResNetUNet(nn.Module):
 
   def _upsample(self, x: jax.Array, features: int, name: str) -> jax.Array:
     if self.upsample == "transpose":
-      return nn.ConvTranspose(
-        features, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, kernel_init=he_normal(), name=name
-      )(x)
+      return up_convolution(features, dtype=self.dtype, kernel_init=he_normal(), name=name)(x)
     batch, height, width, channels = x.shape
     return jax.image.resize(x, (batch, 2 * height, 2 * width, channels), method=self.resize_method)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
-from segjax.models.layers import DoubleConv, ResidualDoubleConv, check_choice, check_norm, he_normal
+from segjax.models.layers import DoubleConv, ResidualDoubleConv, check_choice, check_norm, he_normal, up_convolution
 
 UPSAMPLES = ("transpose", "resize")
 RESIZE_METHODS = ("nearest", "bilinear")
@@ -39,11 +39,9 @@ def _check_unet_settings(depth: int, base_width: int, norm: str, group_norm_grou
     raise SegjaxError(f"dropout_rate must be in [0, 1), got {dropout_rate} (config key model.dropout_rate).")
 
 
-def _up_convolution(features: int, dtype: Any, name: str) -> nn.ConvTranspose:
+def _up_convolution(features: int, dtype: Any, name: str) -> nn.Module:
   """The paper's "2x2 up-convolution" (Sec. 2): a stride-2 transposed conv with bias and no activation."""
-  return nn.ConvTranspose(
-    features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, kernel_init=he_normal(), name=name
-  )
+  return up_convolution(features, dtype=dtype, kernel_init=he_normal(), name=name)
 
 
 def center_crop(x: jax.Array, height: int, width: int) -> jax.Array:
