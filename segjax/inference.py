@@ -53,8 +53,11 @@ class Predictor:
     return int(self.config.dataset_info.num_classes)
 
   def default_tile_size(self) -> int:
-    """The training tile (``data.crop_size``) when there was one, else 572 (unpadded U-Net) or 256."""
+    """The training tile (``data.crop_size``) when there was one, else 572 (unpadded U-Net) or 256; for the unpadded
+    U-Net at least the smallest tile whose output covers one whole pooling grid (overlap-tile needs one per step)."""
     size = self.config.data.get("crop_size") or (572 if self.geometry.margin else 256)
+    if self.geometry.margin:
+      size = max(size, self.geometry.align + 2 * self.geometry.margin)
     return self.geometry.fit(size)
 
   def resolve(self, image_shape: tuple[int, ...], tiling: Tiling) -> tuple[str, int]:

@@ -62,6 +62,15 @@ def test_overlap_tile_equals_the_whole_image_prediction_of_the_unpadded_unet():
   np.testing.assert_allclose(tiled.sum(-1), 1.0, atol=1e-5)
 
 
+def test_the_default_tile_of_a_tiny_training_crop_still_advances_by_a_pooling_grid():
+  predictor = _predictor("unet_valid", depth=3, base_width=4, crop_size=1)  # trained on the smallest tile
+  geometry = predictor.geometry
+  tile = predictor.default_tile_size()
+  assert geometry.fit(tile) == tile and geometry.output_size(tile) >= geometry.align
+  assert geometry.output_size(tile - geometry.align) < geometry.align  # and it is the smallest such tile
+  assert predictor.predict(_image(40, 24), Tiling(mode="overlap_tile")).shape == (40, 24, 3)
+
+
 def test_overlap_tile_outputs_tile_the_image_exactly():
   geometry = model_geometry(get_model("unet_valid", num_classes=2, depth=2))
   plan = overlap_tile_plan(50, 30, geometry, geometry.fit(60))
