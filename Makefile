@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/synthetic_cells
 CONFIG ?= experiments/configs/synthetic_cells.py
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# pytest worker processes: compilation is mostly single-threaded, so two workers use both cores of a small CI machine
+TEST_WORKERS ?= 2
 
 .PHONY: train test lint clean
 
@@ -25,7 +27,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check segjax experiments tests
 
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) runs
