@@ -198,6 +198,8 @@ def test_two_processes_with_two_devices_each_train_like_one_process_with_four(tm
 
   workdir = str(tmp_path / "multihost")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  # if the job hangs, the test aborts it and Python's fault handler prints every thread's stack into the logs
+  env["PYTHONFAULTHANDLER"] = "1"
   port = _free_port()
   command = _train_command(workdir, tfds_dir, f"--coordinator_address=localhost:{port}", "--num_processes=2")
   logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # files, not pipes: no process blocks on output
@@ -205,11 +207,22 @@ def test_two_processes_with_two_devices_each_train_like_one_process_with_four(tm
     subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
     for i in range(2)
   ]
-  for p in processes:
-    p.wait(timeout=300)
+  deadline = time.monotonic() + 300
+  try:
+    for p in processes:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      if p.poll() is None:
+        p.send_signal(signal.SIGABRT)  # the fault handler dumps the stacks, then the process dies
+    for p in processes:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
   outputs = [(log.seek(0), log.read(), log.close())[1] for log in logs]
   for p, out in zip(processes, outputs, strict=True):
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == 0, out[-6000:]
   assert "2 processes" in outputs[0] and "4 devices" in outputs[0]
   assert "segjax:" in outputs[0] and "segjax:" not in outputs[1]  # only process 0 prints the summary
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -260,3 +273,26 @@ def test_checkpoints_of_older_layouts_restore_and_foreign_layouts_are_refused_no
   with pytest.raises(SegjaxError, match="holds a state of another layout"):
     checkpoint.restore_latest(manager, template, config)
   assert os.listdir(checkpoint.checkpoint_dir(str(tmp_path / "foreign"))) == ["5"]
+
+
+def test_a_workdir_that_cannot_be_written_is_named_before_anything_starts(tmp_path):
+  from segjax.errors import SegjaxError
+  from segjax.train.loop import check_workdir
+
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(SegjaxError, match=r"workdir '.*a_file/run' is not writable .*pass a writable --workdir"):
+    check_workdir(str(blocker / "run"))
+
+
+def test_the_processes_of_a_job_check_one_workdir_at_once_without_tripping_over_each_other(tmp_path):
+  """Every process of a multi-host job checks the shared workdir at start-up: none may fail on another's probe."""
+  import concurrent.futures
+
+  from segjax.train.loop import check_workdir
+
+  workdir = str(tmp_path / "shared")
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(lambda _: check_workdir(workdir), range(400)))
+  assert results == [None] * 400
+  assert os.listdir(workdir) == []  # the probes are gone

@@ -11,6 +11,7 @@ import functools
 import importlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -176,13 +177,15 @@ def weight_map_of(config: ml_collections.ConfigDict, dataset: Dataset, train_sou
 
 
 def check_workdir(workdir: str) -> None:
-  """Creates ``workdir`` and proves it writable before any work starts; a SegjaxError says what to do otherwise."""
-  probe = os.path.join(workdir, ".write_probe")
+  """Creates ``workdir`` and proves it writable before any work starts; a SegjaxError says what to do otherwise.
+
+  Every process of a multi-host job runs this at once on the same (shared) workdir, so each writes its own uniquely
+  named probe file; one shared name let one process delete the probe another was about to delete.
+  """
   try:
     os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe.") as f:
+      f.write(b"ok")
   except OSError as e:
     raise SegjaxError(f"workdir '{workdir}' is not writable ({e.strerror}); pass a writable --workdir.") from e
 
