@@ -74,3 +74,100 @@ def test_unets_are_the_same_model_with_either_formulation(monkeypatch, name):
     outputs.append(model.apply(variables, x, train=False))
   jax.tree_util.tree_map(np.testing.assert_array_equal, trees[0], trees[1])
   np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
+def _assert_sums_close(ours, theirs):
+  """Sums of thousands of products, added in another order: equal to float32 rounding of the largest entries."""
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * float(np.abs(theirs).max()))
+
+
+def _xla_weight_gradient(x, g, pad):
+  return jax.vjp(lambda w: layers._conv3x3(x, w, pad), jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), x.dtype))[1](g)[0]
+
+
+@pytest.mark.parametrize(
+  "shape,pad",
+  [
+    ((2, 13, 70, 5), 1),  # 13 rows: the last band is completed with zero rows
+    ((1, 9, 66, 3), 0),  # unpadded: the output is 2 pixels smaller each way
+    ((3, 5, 700, 2), 1),  # so wide that a band is one row
+    ((4, 6, 8, 4), 0),  # narrow: bands of 8 rows, more than the image has
+  ],
+)
+def test_the_blocked_weight_gradient_equals_xlas(shape, pad):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  out = (shape[1] + 2 * pad - 2, shape[2] + 2 * pad - 2)
+  g = jax.random.normal(jax.random.PRNGKey(1), (shape[0], *out, 6))
+  ours = jax.jit(layers.conv3x3_weight_gradient, static_argnums=2)(x, g, pad)
+  assert ours.shape == (3, 3, shape[-1], 6) and ours.dtype == x.dtype
+  _assert_sums_close(ours, _xla_weight_gradient(x, g, pad))
+
+
+def test_the_blocked_weight_gradient_of_bfloat16_inputs_accumulates_in_float32():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 96, 8)).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 96, 4)).astype(jnp.bfloat16)
+  ours = layers.conv3x3_weight_gradient(x, g, 1)
+  exact = _xla_weight_gradient(x.astype(jnp.float32), g.astype(jnp.float32), 1)
+  assert ours.dtype == jnp.bfloat16
+  # rounding the float32 sum of 3072 products once to bfloat16: within bfloat16's half-ulp of the exact sum
+  np.testing.assert_allclose(np.asarray(ours, np.float32), exact, rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 1), (1, 1)), ((0, 0), (0, 0))])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv3x3_equals_nn_conv_with_the_same_parameters_and_gradients(padding, use_bias):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 67, 5))  # 65 or 67 wide: the blocked gradient is used
+  reference = nn.Conv(7, (3, 3), padding=padding, use_bias=use_bias)
+  ours = layers.Conv3x3(7, padding=padding, use_bias=use_bias)
+  params = reference.init(jax.random.PRNGKey(1), x)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ours.init(jax.random.PRNGKey(1), x), params)
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
+  np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-6)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+  for a, b in zip(
+    jax.grad(loss(ours), argnums=(0, 1))(params, x), jax.grad(loss(reference), argnums=(0, 1))(params, x), strict=True
+  ):
+    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+
+
+def test_conv3x3_refuses_a_padding_it_does_not_compute():
+  from segjax.errors import SegjaxError
+
+  with pytest.raises(SegjaxError, match="padding 'SAME' or 'VALID'"):
+    layers.Conv3x3(4, padding=((2, 2), (2, 2))).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_the_blocked_weight_gradient_keeps_a_sharded_batch_sharded():
+  """Bands cut rows, not images: on 4 devices each sums its own images and only the (3, 3, C, O) result is reduced."""
+  from segjax.train import parallel
+
+  batch = parallel.batch_sharded(parallel.create_mesh())
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 12, 64, 4)), batch)
+  g = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (8, 12, 64, 6)), batch)
+  compiled = jax.jit(layers.conv3x3_weight_gradient, static_argnums=2).lower(x, g, 1).compile()
+  assert "all-gather" not in compiled.as_text()
+  _assert_sums_close(compiled(x, g), _xla_weight_gradient(x, g, 1))
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_valid"])
+def test_unets_are_the_same_model_with_either_weight_gradient(monkeypatch, name):
+  size = 188 if name == "unet_valid" else 64  # the first level is at least 64 wide: the blocked gradient is used
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 1))
+  labels = jax.random.randint(jax.random.PRNGKey(1), (2, size, size), 0, 3)
+  results = []
+  for blocked in (False, True):
+    monkeypatch.setattr(layers, "CONV3X3_BLOCKED_WEIGHT_GRADIENT", blocked)
+    model = get_model(name, num_classes=3, depth=2, base_width=4)
+    variables = model.init(jax.random.PRNGKey(2), x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      logits = model.apply({**variables, "params": params}, x, train=False)
+      crop = (labels.shape[1] - logits.shape[1]) // 2
+      target = labels[:, crop : crop + logits.shape[1], crop : crop + logits.shape[2]]
+      return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), target[..., None], -1)), logits
+
+    results.append((variables, *jax.grad(loss, has_aux=True)(variables["params"])))
+  (variables, grads, logits), (variables_b, grads_b, logits_b) = results
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, variables_b)  # same names, shapes and values
+  np.testing.assert_array_equal(logits_b, logits)  # the forward pass is XLA's convolution either way
+  jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), grads_b, grads)

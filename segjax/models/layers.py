@@ -100,6 +100,116 @@ class UpConv2x2(nn.Module):
     return y + bias
 
 
+CONV3X3_BLOCKED_WEIGHT_GRADIENT: bool | None = None
+"""How the weight gradient of stride-1 3x3 convolutions is computed: by :func:`conv3x3_weight_gradient`, a loop of
+small im2col matrix products (True; for outputs at least :data:`BLOCKED_MIN_WIDTH` wide), by XLA's own convolution
+(False), or None: the loop on the CPU backend only, where XLA:CPU's kernel runs this gradient at 40-65 GFLOP/s for the
+U-Nets' wide images (BENCHMARKS.md, attempt 5). The forward pass and the input gradient are XLA's convolutions either
+way; the weight gradient agrees to float32 rounding (tests)."""
+
+
+def _padding_amount(padding: Any) -> int | None:
+  """1 for ``'SAME'`` or ((1, 1), (1, 1)), 0 for ``'VALID'`` or ((0, 0), (0, 0)), None for anything else."""
+  if isinstance(padding, str):
+    return {"SAME": 1, "VALID": 0}.get(padding.upper())
+  pairs = {tuple(p) for p in padding} if len(padding) == 2 else set()
+  return next(iter(pairs))[0] if len(pairs) == 1 and next(iter(pairs)) in ((1, 1), (0, 0)) else None
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+BLOCKED_MIN_WIDTH = 64
+"""Narrower outputs (ResNet's 56 to 7 pixel stages) keep XLA's weight gradient, which is as fast or faster there."""
+
+
+def conv3x3_weight_gradient(x: jax.Array, g: jax.Array, pad: int) -> jax.Array:
+  """The gradient of a stride-1 3x3 convolution's (3, 3, C, O) kernel, given its input ``x`` (N, H, W, C), padding
+  ``pad`` (0 or 1 on every side) and output gradient ``g`` (N, Ho, Wo, O).
+
+  ``dw[ky, kx] = sum over pixels of x_padded[y + ky, x + kx] outer g[y, x]``, computed band by band: a ``lax.scan``
+  over bands of rows of all images builds the band's 9 x C patches (im2col) and adds their product with the band's
+  gradient, accumulating in float32. A band of about 2048 pixels keeps the patches in cache, where the whole-image
+  im2col would write 9 times the activations to memory. Bands cut rows, never the batch, so a batch sharded across
+  devices stays sharded (each device sums its images; the partitioner adds the cross-device sum).
+  """
+  n, _, _, c = x.shape
+  _, height, width, features = g.shape
+  rows = max(1, min(8, round(2048 / (n * width))))
+  bands = -(-height // rows)
+  # zero rows of gradient (and the input rows they would read) complete the last band; they add nothing
+  xp = jnp.pad(x, ((0, 0), (pad, bands * rows - height + pad), (pad, pad), (0, 0)))
+  gp = jnp.pad(g, ((0, 0), (0, bands * rows - height), (0, 0), (0, 0)))
+
+  def add_band(total, band):
+    xs = jax.lax.dynamic_slice_in_dim(xp, band * rows, rows + 2, axis=1)
+    gs = jax.lax.dynamic_slice_in_dim(gp, band * rows, rows, axis=1)
+    patches = jnp.concatenate([xs[:, ky : ky + rows, kx : kx + width] for ky in range(3) for kx in range(3)], -1)
+    product = jax.lax.dot_general(
+      patches.reshape(-1, 9 * c),
+      gs.reshape(-1, features),
+      (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
+    return total + product, None
+
+  total, _ = jax.lax.scan(add_band, jnp.zeros((9 * c, features), jnp.float32), jnp.arange(bands))
+  return total.reshape(3, 3, c, features).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """A stride-1 3x3 convolution, NHWC x HWIO, padded by ``pad`` (0 or 1) on every side, whose kernel gradient is
+  :func:`conv3x3_weight_gradient`; the output and the input gradient are XLA's."""
+  return _conv3x3(x, kernel, pad)
+
+
+def _conv3x3_forward(x, kernel, pad):
+  return _conv3x3(x, kernel, pad), (x, kernel)
+
+
+def _conv3x3_backward(pad, residuals, g):
+  x, kernel = residuals
+  if g.shape[2] < BLOCKED_MIN_WIDTH:
+    return jax.vjp(lambda x, kernel: _conv3x3(x, kernel, pad), x, kernel)[1](g)
+  _, input_vjp = jax.vjp(lambda x: _conv3x3(x, kernel, pad), x)
+  return input_vjp(g)[0], conv3x3_weight_gradient(x, g, pad).astype(kernel.dtype)
+
+
+conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
+
+
+class Conv3x3(nn.Module):
+  """A stride-1 3x3 convolution computed by :func:`conv3x3` (+ bias).
+
+  Drop-in for ``nn.Conv(features, (3, 3), padding=p)`` with ``p`` ``'SAME'`` or ``'VALID'`` (or the explicit
+  ((1, 1), (1, 1)) / ((0, 0), (0, 0))): the same parameter names, shapes, initialisation and output.
+  """
+
+  features: int
+  padding: Any = "SAME"
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = LECUN_NORMAL
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pad = _padding_amount(self.padding)
+    if pad is None:
+      raise SegjaxError(f"Conv3x3 takes padding 'SAME' or 'VALID', got {self.padding!r}.")
+    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv3x3(x, kernel, pad)
+    return y if bias is None else y + bias
+
+
 def up_convolution(features: int, *, dtype: Any = None, kernel_init: Callable = LECUN_NORMAL, name=None) -> nn.Module:
   """The 2x2 stride-2 transposed convolution: ``nn.ConvTranspose``, or on CPU :class:`UpConv2x2` (same parameters
   and result; XLA:CPU's weight gradient of the transposed convolution is about 20x slower than the matrix product,
@@ -115,6 +225,12 @@ def _as_matmul() -> bool:
   return POINTWISE_AS_MATMUL if POINTWISE_AS_MATMUL is not None else jax.default_backend() == "cpu"
 
 
+def _blocked_weight_gradient() -> bool:
+  if CONV3X3_BLOCKED_WEIGHT_GRADIENT is not None:
+    return CONV3X3_BLOCKED_WEIGHT_GRADIENT
+  return jax.default_backend() == "cpu"
+
+
 def conv(
   features: int,
   kernel_size: int,
@@ -126,10 +242,13 @@ def conv(
   kernel_init: Callable = LECUN_NORMAL,
   name: str | None = None,
 ) -> nn.Module:
-  """A square convolution: ``nn.Conv``, or for a 1x1 kernel on CPU a :class:`PointwiseConv` (same parameters and
-  result, faster there; see :data:`POINTWISE_AS_MATMUL`)."""
+  """A square convolution: ``nn.Conv``, or on CPU for a 1x1 kernel a :class:`PointwiseConv` and for a stride-1 3x3
+  kernel a :class:`Conv3x3` (same parameters and result, faster there; see :data:`POINTWISE_AS_MATMUL` and
+  :data:`CONV3X3_BLOCKED_WEIGHT_GRADIENT`)."""
   if kernel_size == 1 and _as_matmul():
     return PointwiseConv(features, strides=strides, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+  if kernel_size == 3 and strides == 1 and _padding_amount(padding) is not None and _blocked_weight_gradient():
+    return Conv3x3(features, padding=padding, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
   return nn.Conv(
     features,
     (kernel_size, kernel_size),
@@ -253,16 +372,30 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.Conv(
-      self.features,
-      tuple(self.kernel_size),
-      strides=tuple(self.strides),
-      padding=self.padding,
-      use_bias=self.norm == "none",
-      dtype=self.dtype,
-      kernel_init=he_normal("fan_in"),
-      name="conv",
-    )(x)
+    kernel_size, strides = tuple(self.kernel_size), tuple(self.strides)
+    if len(set(kernel_size)) == 1 and len(set(strides)) == 1:
+      layer = conv(
+        self.features,
+        kernel_size[0],
+        strides=strides[0],
+        padding=self.padding,
+        use_bias=self.norm == "none",
+        dtype=self.dtype,
+        kernel_init=he_normal("fan_in"),
+        name="conv",
+      )
+    else:
+      layer = nn.Conv(
+        self.features,
+        kernel_size,
+        strides=strides,
+        padding=self.padding,
+        use_bias=self.norm == "none",
+        dtype=self.dtype,
+        kernel_init=he_normal("fan_in"),
+        name="conv",
+      )
+    x = layer(x)
     x = norm_layer(
       self.norm,
       train=train,
