@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli
 from segjax import benchmark
@@ -29,13 +30,19 @@ from segjax.models import get_model
 from segjax.train.state import create_train_state
 from segjax.train.step import make_train_step, predict_logits
 
-_CASES = flags.DEFINE_list("cases", ["unet", "unet_valid", "resnet50"], "Benchmark cases to run.")
+_CASES = flags.DEFINE_list("cases", ["unet", "unet_valid", "resnet50", "input"], "Benchmark cases to run.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) one.")
 _TORCH = flags.DEFINE_boolean("torch", True, "Also time PyTorch (eager and torch.compile) when it is installed.")
 _TORCH_COMPILE = flags.DEFINE_boolean("torch_compile", True, "Include torch.compile.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "segjax activation dtype.")
 _JSON = flags.DEFINE_string("json", "BENCHMARK.json", "Where to write the results as JSON ('' for none).")
+_INPUT_CONFIG = config_flags.DEFINE_config_file(
+  "input_config",
+  "experiments/configs/synthetic_cells.py",
+  "Experiment whose input pipeline the 'input' case times against its train step (default: the default experiment).",
+)
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 100, "Host batches timed by the 'input' case.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +90,19 @@ def run_jax(case: Case, dtype, peak: float) -> list[dict]:
   # labels at the input's size: the step centre-crops them to the unpadded U-Net's smaller output
   label_shape = (case.batch,) if case.classifier else shape[:3]
   batch = {"image": image, "label": jnp.asarray(rng.integers(0, case.classes, label_shape).astype(np.int32))}
-  step = jax.jit(_classifier_step if case.classifier else make_train_step(softmax_cross_entropy), donate_argnums=0)
-  compile_s, flops = benchmark.compile_time_and_flops(step, state, batch)
+
+  def make_step():  # a new function each call: benchmark.model_flops traces it afresh
+    train_step = make_train_step(softmax_cross_entropy)
+    return jax.jit(lambda s, b: (_classifier_step if case.classifier else train_step)(s, b), donate_argnums=0)
+
+  flops = benchmark.model_flops(make_step, state, batch)  # before the step donates the state
+  step = make_step()
+  compile_s = benchmark.compile_time(step, state, batch)
   _, times, state = benchmark.time_steps(step, state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
   rows = [_row(case, "train", "segjax", compile_s, times, flops, peak)]
-  infer = jax.jit(lambda s, x: (s, predict_logits(s, x)))
-  compile_s, flops = benchmark.compile_time_and_flops(infer, state, image)
+  make_infer = lambda: jax.jit(lambda s, x: (s, predict_logits(s, x)))  # noqa: E731
+  infer = make_infer()
+  compile_s, flops = benchmark.compile_time(infer, state, image), benchmark.model_flops(make_infer, state, image)
   _, times, _ = benchmark.time_steps(infer, state, image, steps=_STEPS.value, warmup=_WARMUP.value)
   rows.append(_row(case, "inference", "segjax", compile_s, times, flops, peak))
   return rows
@@ -161,6 +175,55 @@ def run_torch(case: Case, torch, compiled: bool, jax_flops: dict, peak: float) -
   return rows
 
 
+def run_input(config) -> list[dict]:
+  """The input pipeline of experiment ``config`` against its train step, both as the training loop builds them.
+
+  Times ``--input_batches`` host batches read back to back (after the reader threads' buffer is drained once), and
+  the compiled train step on one of them (augmentation included). The pipeline keeps up when its batches/s is well
+  above the step's steps/s; the ratio is printed and stored as ``input_to_step_ratio``.
+  """
+  from segjax.data import load_dataset
+  from segjax.data.augment import make_augment_fn
+  from segjax.losses import get_loss, model_outputs
+  from segjax.models import create_model
+  from segjax.train.loop import training_batches, training_geometry, validate_config, weight_map_of
+  from segjax.train.optim import create_optimizer
+
+  validate_config(config)
+  dataset = load_dataset(config.data)
+  train_source = dataset.split(config.data.train_split)
+  model = create_model(config.model, model_outputs(config.loss, dataset.num_classes))
+  geometry, crop_size = training_geometry(config, model, dataset, np.asarray(train_source[0]["image"]).shape)
+  weight_map = weight_map_of(config, dataset, train_source)
+  batches = training_batches(config, dataset, train_source, geometry, crop_size, weight_map)
+  first = next(batches)
+  for _ in range(2 * config.data.num_threads):  # what the reader threads buffered while the first was built
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(_INPUT_BATCHES.value):
+    next(batches)
+  input_times = [(time.perf_counter() - start) / _INPUT_BATCHES.value]
+
+  tx = create_optimizer(config.optimizer, config.num_train_steps)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, (1, *first["image"].shape[1:]))
+  step = jax.jit(make_train_step(get_loss(config.loss), make_augment_fn(config.augment)), donate_argnums=0)
+  batch = jax.device_put(first)
+  compile_s = benchmark.compile_time(step, state, batch)
+  _, step_times, _ = benchmark.time_steps(step, state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
+  case = Case(f"input:{config.data.name}", config.model.name, {}, config.batch_size, 0, 0, 0, "")
+  rows = [
+    _row(case, "input", "segjax", 0.0, input_times, None, 0),
+    _row(case, "train", "segjax", compile_s, step_times, None, 0),
+  ]
+  ratio = float(np.median(step_times)) / input_times[0]
+  rows[0]["input_to_step_ratio"] = round(ratio, 1)
+  print(
+    f"input pipeline of {config.data.name} (batch {config.batch_size}): {1 / input_times[0]:.1f} batches/s; its train "
+    f"step: {1 / float(np.median(step_times)):.1f} steps/s; the pipeline is {ratio:.1f}x faster than the step."
+  )
+  return rows
+
+
 def _time_torch(step) -> tuple[float, list[float]]:
   start = time.perf_counter()
   step(None)
@@ -226,8 +289,11 @@ def main(argv: list[str]) -> None:
       print("torch is not installed: timing segjax only")
   rows = []
   for name in _CASES.value:
+    if name == "input":
+      rows += run_input(_INPUT_CONFIG.value)
+      continue
     if name not in CASES:
-      raise SegjaxError(f"unknown --cases '{name}'; available: {', '.join(CASES)}.")
+      raise SegjaxError(f"unknown --cases '{name}'; available: {', '.join([*CASES, 'input'])}.")
     case = CASES[name]
     jax_rows = run_jax(case, dtype, peak)
     rows += jax_rows

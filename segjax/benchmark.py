@@ -34,17 +34,33 @@ def time_steps(step: Callable, carry: Any, *args, steps: int = 10, warmup: int =
   return first, times, carry
 
 
-def compile_time_and_flops(jitted: Callable, *args) -> tuple[float, float | None]:
-  """Seconds to lower and compile ``jitted`` for ``args``, and the FLOPs XLA's cost analysis counts for one call
-  (None if it reports none)."""
+def compile_time(jitted: Callable, *args) -> float:
+  """Seconds to lower and compile ``jitted`` for ``args``."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  seconds = time.perf_counter() - start
-  analysis = compiled.cost_analysis()
+  jitted.lower(*args).compile()
+  return time.perf_counter() - start
+
+
+def model_flops(make_jitted: Callable[[], Callable], *args) -> float | None:
+  """The FLOPs of one call of ``make_jitted()`` on ``args``, counted by XLA for the plain formulation of the model.
+
+  XLA's cost analysis counts the body of a loop once, so the scan of the CPU 3x3 weight gradient
+  (:func:`segjax.models.layers.conv3x3_weight_gradient`) would hide most of its work. This traces a fresh jitted
+  function with that formulation switched off (the same arithmetic as one convolution per weight gradient) and counts
+  without compiling. ``make_jitted`` must build a new function each call, so nothing traced earlier is reused.
+  """
+  from segjax.models import layers
+
+  saved = layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT
+  layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT = False
+  try:
+    analysis = make_jitted().lower(*args).cost_analysis()
+  finally:
+    layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT = saved
   if isinstance(analysis, list | tuple):
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get("flops")
-  return seconds, (float(flops) if flops else None)
+  return float(flops) if flops else None
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5, dtype: Any = jnp.float32) -> float:

@@ -114,9 +114,9 @@ def test_the_blocked_weight_gradient_of_bfloat16_inputs_accumulates_in_float32()
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 1), (1, 1)), ((0, 0), (0, 0))])
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_conv3x3_equals_nn_conv_with_the_same_parameters_and_gradients(padding, use_bias):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 67, 5))  # 65 or 67 wide: the blocked gradient is used
+@pytest.mark.parametrize("use_bias,channels", [(True, 5), (False, 5), (True, 16)])  # 16: VALID as cropped SAME
+def test_conv3x3_equals_nn_conv_with_the_same_parameters_and_gradients(padding, use_bias, channels):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 67, channels))  # 65 or 67 wide: the blocked gradient is used
   reference = nn.Conv(7, (3, 3), padding=padding, use_bias=use_bias)
   ours = layers.Conv3x3(7, padding=padding, use_bias=use_bias)
   params = reference.init(jax.random.PRNGKey(1), x)
@@ -171,3 +171,52 @@ def test_unets_are_the_same_model_with_either_weight_gradient(monkeypatch, name)
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables, variables_b)  # same names, shapes and values
   np.testing.assert_array_equal(logits_b, logits)  # the forward pass is XLA's convolution either way
   jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), grads_b, grads)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 9, 7, 2)])  # odd sizes: the last row or column is dropped
+def test_max_pool_as_a_reshape_equals_nn_max_pool_bit_for_bit_ties_included(monkeypatch, shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ties = jnp.round(x)  # many windows with two or more equal maxima: the first in row-major order takes the gradient
+  g = jax.random.normal(jax.random.PRNGKey(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+  monkeypatch.setattr(layers, "MAX_POOL_AS_RESHAPE", True)
+  for inputs in (x, ties):
+    ours, our_vjp = jax.vjp(layers.max_pool_2x2, inputs)
+    theirs, their_vjp = jax.vjp(reference, inputs)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(our_vjp(g)[0], their_vjp(g)[0])
+  assert float(jnp.sum(jax.vjp(layers.max_pool_2x2, ties)[1](jnp.ones_like(g))[0])) == g.size  # one winner each
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_valid"])
+def test_unets_train_bit_for_bit_the_same_with_either_max_pool(monkeypatch, name):
+  size = 188 if name == "unet_valid" else 32
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 1))
+  grads = []
+  for as_reshape in (False, True):
+    monkeypatch.setattr(layers, "MAX_POOL_AS_RESHAPE", as_reshape)
+    model = get_model(name, num_classes=2, depth=2, base_width=4)
+    variables = model.init(jax.random.PRNGKey(2), x, train=False)
+    loss = lambda p, model=model, variables=variables: jnp.sum(  # noqa: E731
+      jnp.sin(model.apply({**variables, "params": p}, x, train=False))
+    )
+    grads.append(jax.grad(loss)(variables["params"]))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, grads[0], grads[1])
+
+
+def test_the_paper_unet_is_the_same_model_with_unpadded_convolutions_as_cropped_padded_ones(monkeypatch):
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 188, 188, 1))
+  results = []
+  for min_channels in (10**9, 1):  # never, and from the first layer on
+    monkeypatch.setattr(layers, "VALID_AS_CROPPED_SAME_MIN_CHANNELS", min_channels)
+    model = get_model("unet_valid", num_classes=2, depth=2, base_width=4)
+    variables = model.init(jax.random.PRNGKey(2), x, train=False)
+    loss = lambda p, model=model, variables=variables: jnp.sum(  # noqa: E731
+      jnp.sin(model.apply({**variables, "params": p}, x, train=False))
+    )
+    results.append((variables, model.apply(variables, x, train=False), jax.grad(loss)(variables["params"])))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, results[0][0], results[1][0])
+  np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
+  jax.tree_util.tree_map(
+    lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), results[1][2], results[0][2]
+  )

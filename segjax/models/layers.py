@@ -183,8 +183,15 @@ def _conv3x3_backward(pad, residuals, g):
 conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 
+VALID_AS_CROPPED_SAME_MIN_CHANNELS = 16
+"""From this many input channels, :class:`Conv3x3` computes an unpadded ('VALID') convolution as the interior of the
+padded one: XLA:CPU runs unpadded 3x3 convolutions 2.5-5x slower than padded ones at the paper U-Net's sizes, which
+more than pays for the one-pixel ring computed and dropped (BENCHMARKS.md, attempt 6). With fewer channels (the
+first layer's 1-3) XLA's unpadded kernel is the faster one."""
+
+
 class Conv3x3(nn.Module):
-  """A stride-1 3x3 convolution computed by :func:`conv3x3` (+ bias).
+  """A stride-1 3x3 convolution computed by :func:`conv3x3` (+ bias): the CPU form of ``nn.Conv`` (:func:`conv`).
 
   Drop-in for ``nn.Conv(features, (3, 3), padding=p)`` with ``p`` ``'SAME'`` or ``'VALID'`` (or the explicit
   ((1, 1), (1, 1)) / ((0, 0), (0, 0))): the same parameter names, shapes, initialisation and output.
@@ -206,7 +213,10 @@ class Conv3x3(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv3x3(x, kernel, pad)
+    if pad == 0 and x.shape[-1] >= VALID_AS_CROPPED_SAME_MIN_CHANNELS:
+      y = conv3x3(x, kernel, 1)[:, 1:-1, 1:-1]  # the interior of the padded convolution reads no padding
+    else:
+      y = conv3x3(x, kernel, pad)
     return y if bias is None else y + bias
 
 
@@ -219,6 +229,49 @@ def up_convolution(features: int, *, dtype: Any = None, kernel_init: Callable = 
   return nn.ConvTranspose(
     features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, kernel_init=kernel_init, name=name
   )
+
+
+MAX_POOL_AS_RESHAPE: bool | None = None
+"""How the U-Net's 2x2 stride-2 max pooling runs: as a reshape and a max with a custom gradient (True), as Flax's
+``nn.max_pool`` (False), or None: the reshape on the CPU backend only, where XLA expands the gradient of
+``reduce_window`` into index-carrying windows over iotas, 5-10x slower (BENCHMARKS.md). Outputs and gradients are
+equal bit for bit, ties included (tests)."""
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2 and ``'VALID'`` padding (an odd last row or column is dropped), NHWC: the U-Net's
+  down-sampling (Ronneberger et al. 2015, Sec. 2); ``nn.max_pool(x, (2, 2), strides=(2, 2))`` or, on CPU, a reshape
+  and a max with a custom gradient that computes the same values and gradients (:data:`MAX_POOL_AS_RESHAPE`)."""
+  use_reshape = MAX_POOL_AS_RESHAPE if MAX_POOL_AS_RESHAPE is not None else jax.default_backend() == "cpu"
+  if not use_reshape:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return _max_pool_even(x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2])
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+  """(N, H, W, C), H and W even -> (N, H/2, W/2, C, 4): each 2x2 window's values in row-major order."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+
+
+@jax.custom_vjp
+def _max_pool_even(x: jax.Array) -> jax.Array:
+  return jnp.max(_pool_windows(x), -1)
+
+
+def _max_pool_even_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  windows = _pool_windows(x)
+  # the first maximum in row-major window order takes the gradient, as in XLA's select-and-scatter of max pooling
+  return jnp.max(windows, -1), jnp.argmax(windows, -1).astype(jnp.int8)
+
+
+def _max_pool_even_backward(first_max: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  n, h, w, c = g.shape
+  routed = jnp.where(first_max[..., None] == jnp.arange(4, dtype=jnp.int8), g[..., None], jnp.zeros((), g.dtype))
+  return (routed.reshape(n, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, 2 * h, 2 * w, c),)
+
+
+_max_pool_even.defvjp(_max_pool_even_forward, _max_pool_even_backward)
 
 
 def _as_matmul() -> bool:

@@ -19,7 +19,15 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
-from segjax.models.layers import DoubleConv, ResidualDoubleConv, check_choice, check_norm, he_normal, up_convolution
+from segjax.models.layers import (
+  DoubleConv,
+  ResidualDoubleConv,
+  check_choice,
+  check_norm,
+  he_normal,
+  max_pool_2x2,
+  up_convolution,
+)
 
 UPSAMPLES = ("transpose", "resize")
 RESIZE_METHODS = ("nearest", "bilinear")
@@ -242,7 +250,7 @@ class UNetValid(nn.Module):
     for level in range(self.depth):
       x = self._double_conv(self.base_width * 2**level, f"down_{level}")(x, train=train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
 
     x = self._double_conv(self.base_width * 2**self.depth, "bottleneck")(x, train=train)
     if self.dropout_rate > 0:
@@ -380,7 +388,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = self._block(self.base_width * 2**level, f"down_{level}")(x, train=train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
 
     x = self._block(self.base_width * 2**self.depth, "bottleneck")(x, train=train)
     if self.dropout_rate > 0:

@@ -176,6 +176,30 @@ def weight_map_of(config: ml_collections.ConfigDict, dataset: Dataset, train_sou
   return WeightMap(tuple(float(w) for w in class_weights), float(spec.get("w0", 10.0)))
 
 
+def training_batches(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  train_source: Any,
+  geometry: Geometry,
+  crop_size: int | None,
+  weight_map: WeightMap | None,
+  start_step: int = 0,
+) -> Any:
+  """This process's host batches of the steps ``start_step + 1, start_step + 2, ...``: the training input pipeline
+  (:func:`segjax.data.pipeline.train_dataset` read by ``config.data.num_threads`` threads)."""
+  dataset_of_steps = train_dataset(
+    train_source,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    prepare=functools.partial(to_model_inputs, num_classes=dataset.num_classes, weight_map=weight_map),
+    crop_size=crop_size,
+    margin=geometry.margin,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return train_batches(dataset_of_steps, start_step=start_step, num_threads=config.data.num_threads)
+
+
 def check_workdir(workdir: str) -> None:
   """Creates ``workdir`` and proves it writable before any work starts; a SegjaxError says what to do otherwise.
 
@@ -489,19 +513,8 @@ def train_and_evaluate(
   )
   local_eval_state = lambda: parallel.to_local(state.for_eval(), mesh)  # noqa: E731
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
-  dataset_of_steps = train_dataset(
-    train_source,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    prepare=functools.partial(to_model_inputs, num_classes=dataset.num_classes, weight_map=weight_map),
-    crop_size=crop_size,
-    margin=geometry.margin,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  batches = prefetch_to_device(
-    train_batches(dataset_of_steps, start_step=start_step, num_threads=config.data.num_threads), place=place_batch
-  )
+  host_batches = training_batches(config, dataset, train_source, geometry, crop_size, weight_map, start_step)
+  batches = prefetch_to_device(host_batches, place=place_batch)
 
   train_start = time.perf_counter()
   pending: list[tuple[int, dict[str, jax.Array]]] = []
