@@ -220,3 +220,17 @@ def test_the_paper_unet_is_the_same_model_with_unpadded_convolutions_as_cropped_
   jax.tree_util.tree_map(
     lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), results[1][2], results[0][2]
   )
+
+
+@pytest.mark.parametrize("shape", [(2, 48, 50, 5), (1, 7, 9, 3)])  # 4800 pixels: banded; 63: one matrix product
+def test_pointwise_gradients_equal_the_plain_matrix_products(shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (shape[-1], 6))
+  g = jax.random.normal(jax.random.PRNGKey(2), (*shape[:3], 6))
+  plain = lambda x, kernel: jax.lax.dot_general(x, kernel, (((3,), (0,)), ((), ())))  # noqa: E731
+  ours, our_vjp = jax.vjp(layers.pointwise, x, kernel)
+  theirs, their_vjp = jax.vjp(plain, x, kernel)
+  np.testing.assert_array_equal(ours, theirs)
+  (dx, dw), (their_dx, their_dw) = our_vjp(g), their_vjp(g)
+  np.testing.assert_array_equal(dx, their_dx)
+  _assert_sums_close(dw, their_dw)

@@ -48,7 +48,8 @@ or None: matrix products on the CPU backend only, where XLA's convolution kernel
 
 
 class PointwiseConv(nn.Module):
-  """A 1x1 convolution, optionally strided, computed as ``x[:, ::s, ::s] @ kernel[0, 0]`` (+ bias).
+  """A 1x1 convolution, optionally strided, computed as ``x[:, ::s, ::s] @ kernel[0, 0]`` (+ bias) by
+  :func:`pointwise`, whose kernel gradient is a banded matrix product.
 
   Drop-in for ``nn.Conv(features, (1, 1), strides=s)`` with ``'VALID'`` or ``'SAME'`` padding (equal for 1x1
   kernels): the same parameter names, shapes and initialisation, and the same output.
@@ -69,7 +70,7 @@ class PointwiseConv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.strides > 1:
       x = x[:, :: self.strides, :: self.strides]
-    y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    y = pointwise(x, kernel[0, 0])
     return y if bias is None else y + bias
 
 
@@ -127,38 +128,78 @@ BLOCKED_MIN_WIDTH = 64
 """Narrower outputs (ResNet's 56 to 7 pixel stages) keep XLA's weight gradient, which is as fast or faster there."""
 
 
-def conv3x3_weight_gradient(x: jax.Array, g: jax.Array, pad: int) -> jax.Array:
-  """The gradient of a stride-1 3x3 convolution's (3, 3, C, O) kernel, given its input ``x`` (N, H, W, C), padding
-  ``pad`` (0 or 1 on every side) and output gradient ``g`` (N, Ho, Wo, O).
+def banded_weight_gradient(x: jax.Array, g: jax.Array, size: int, pad: int) -> jax.Array:
+  """The gradient of a stride-1 ``size`` x ``size`` convolution's (size, size, C, O) kernel (``size`` 1 or 3), given
+  its input ``x`` (N, H, W, C), padding ``pad`` (0 or 1 on every side) and output gradient ``g`` (N, Ho, Wo, O).
 
   ``dw[ky, kx] = sum over pixels of x_padded[y + ky, x + kx] outer g[y, x]``, computed band by band: a ``lax.scan``
-  over bands of rows of all images builds the band's 9 x C patches (im2col) and adds their product with the band's
-  gradient, accumulating in float32. A band of about 2048 pixels keeps the patches in cache, where the whole-image
-  im2col would write 9 times the activations to memory. Bands cut rows, never the batch, so a batch sharded across
-  devices stays sharded (each device sums its images; the partitioner adds the cross-device sum).
+  over bands of rows of all images builds the band's size^2 x C patches (im2col; for 1x1 the band itself) and adds
+  their product with the band's gradient, accumulating in float32. A band of about 2048 pixels keeps the patches
+  and the transposed operand the matrix product needs in cache, where the whole-image product would write 9 times
+  the activations (3x3) or transpose them through memory (1x1). Bands cut rows, never the batch, so a batch sharded
+  across devices stays sharded (each device sums its images; the partitioner adds the cross-device sum).
   """
   n, _, _, c = x.shape
   _, height, width, features = g.shape
   rows = max(1, min(8, round(2048 / (n * width))))
   bands = -(-height // rows)
+  halo = size - 1
   # zero rows of gradient (and the input rows they would read) complete the last band; they add nothing
-  xp = jnp.pad(x, ((0, 0), (pad, bands * rows - height + pad), (pad, pad), (0, 0)))
+  xp = jnp.pad(x, ((0, 0), (pad, bands * rows + halo - height - pad), (pad, pad), (0, 0)))
   gp = jnp.pad(g, ((0, 0), (0, bands * rows - height), (0, 0), (0, 0)))
 
   def add_band(total, band):
-    xs = jax.lax.dynamic_slice_in_dim(xp, band * rows, rows + 2, axis=1)
+    xs = jax.lax.dynamic_slice_in_dim(xp, band * rows, rows + halo, axis=1)
     gs = jax.lax.dynamic_slice_in_dim(gp, band * rows, rows, axis=1)
-    patches = jnp.concatenate([xs[:, ky : ky + rows, kx : kx + width] for ky in range(3) for kx in range(3)], -1)
+    shifts = [xs[:, ky : ky + rows, kx : kx + width] for ky in range(size) for kx in range(size)]
+    patches = shifts[0] if size == 1 else jnp.concatenate(shifts, -1)
     product = jax.lax.dot_general(
-      patches.reshape(-1, 9 * c),
+      patches.reshape(-1, size * size * c),
       gs.reshape(-1, features),
       (((0,), (0,)), ((), ())),
       preferred_element_type=jnp.float32,
     )
     return total + product, None
 
-  total, _ = jax.lax.scan(add_band, jnp.zeros((9 * c, features), jnp.float32), jnp.arange(bands))
-  return total.reshape(3, 3, c, features).astype(x.dtype)
+  total, _ = jax.lax.scan(add_band, jnp.zeros((size * size * c, features), jnp.float32), jnp.arange(bands))
+  return total.reshape(size, size, c, features).astype(x.dtype)
+
+
+def conv3x3_weight_gradient(x: jax.Array, g: jax.Array, pad: int) -> jax.Array:
+  """The (3, 3, C, O) kernel gradient of a stride-1 3x3 convolution: :func:`banded_weight_gradient` with size 3."""
+  return banded_weight_gradient(x, g, 3, pad)
+
+
+@jax.custom_vjp
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x @ kernel`` over the channel axis of NHWC ``x``, (C, O) ``kernel``: a 1x1 convolution, whose kernel gradient
+  is :func:`banded_weight_gradient` (when the batch has at least :data:`BANDED_POINTWISE_MIN_PIXELS` pixels) and
+  whose output and input gradient are plain matrix products."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+BANDED_POINTWISE_MIN_PIXELS = 4096
+"""Below this many pixels (batch x height x width) the 1x1 kernel gradient is one matrix product: its operands fit in
+cache anyway. Above, XLA:CPU transposes the whole input for the product, and fuses the producer of the gradient (e.g.
+BatchNorm's backward) into that transpose: 80-90 ms per 16x56x56x256 layer of ResNet-50 (BENCHMARKS.md, attempt 7).
+"""
+
+
+def _pointwise_forward(x, kernel):
+  return pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_backward(residuals, g):
+  x, kernel = residuals
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  if x.shape[0] * x.shape[1] * x.shape[2] < BANDED_POINTWISE_MIN_PIXELS:
+    dw = jax.lax.dot_general(x, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
+  else:
+    dw = banded_weight_gradient(x, g, 1, 0)[0, 0]
+  return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_forward, _pointwise_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
