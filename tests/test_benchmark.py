@@ -24,8 +24,9 @@ def test_model_flops_counts_the_scanned_weight_gradient_in_full(monkeypatch):
   monkeypatch.setattr(layers, "CONV3X3_BLOCKED_WEIGHT_GRADIENT", True)
   scanned = _flops(make().lower(state, batch))  # XLA counts each loop body once
   counted = benchmark.model_flops(make, state, batch)
-  assert layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT is True  # restored
+  assert layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT is True and layers.BANDED_POINTWISE_MIN_PIXELS == 4096  # restored
   monkeypatch.setattr(layers, "CONV3X3_BLOCKED_WEIGHT_GRADIENT", False)
+  monkeypatch.setattr(layers, "BANDED_POINTWISE_MIN_PIXELS", 10**12)  # the U-Net's last layer is a 1x1 convolution
   assert counted == _flops(make().lower(state, batch))
   # the 64-wide level's two 3x3 weight gradients alone are 2 * 9 * (1 * 4 + 4 * 4) * 2 * 64 * 64 FLOPs
   assert counted - scanned > 0.9 * 2 * 9 * (1 * 4 + 4 * 4) * 2 * 64 * 64
