@@ -44,19 +44,23 @@ def test_resnet_is_the_same_model_with_either_formulation(monkeypatch):
   np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
 
 
-def test_up_convolution_equals_the_transposed_convolution_with_the_same_parameters_and_gradients():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
-  reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
-  ours = layers.UpConv2x2(4)
+def _assert_same_layer(ours, reference, x, grad_atol):
+  """Same parameter tree and initial values, same output, gradients (parameters and input) equal to rounding."""
   params = reference.init(jax.random.PRNGKey(1), x)
   jax.tree_util.tree_map(np.testing.assert_array_equal, ours.init(jax.random.PRNGKey(1), x), params)
-  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero bias
   np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-6)
   loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
   for a, b in zip(
     jax.grad(loss(ours), argnums=(0, 1))(params, x), jax.grad(loss(reference), argnums=(0, 1))(params, x), strict=True
   ):
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), a, b)
+    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=grad_atol), a, b)
+
+
+def test_up_convolution_equals_the_transposed_convolution_with_the_same_parameters_and_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
+  reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
+  _assert_same_layer(layers.UpConv2x2(4), reference, x, grad_atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["unet", "unet_valid", "resnet18_unet"])
@@ -118,16 +122,7 @@ def test_the_blocked_weight_gradient_of_bfloat16_inputs_accumulates_in_float32()
 def test_conv3x3_equals_nn_conv_with_the_same_parameters_and_gradients(padding, use_bias, channels):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 67, channels))  # 65 or 67 wide: the blocked gradient is used
   reference = nn.Conv(7, (3, 3), padding=padding, use_bias=use_bias)
-  ours = layers.Conv3x3(7, padding=padding, use_bias=use_bias)
-  params = reference.init(jax.random.PRNGKey(1), x)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, ours.init(jax.random.PRNGKey(1), x), params)
-  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
-  np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-6)
-  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
-  for a, b in zip(
-    jax.grad(loss(ours), argnums=(0, 1))(params, x), jax.grad(loss(reference), argnums=(0, 1))(params, x), strict=True
-  ):
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+  _assert_same_layer(layers.Conv3x3(7, padding=padding, use_bias=use_bias), reference, x, grad_atol=1e-4)
 
 
 def test_conv3x3_refuses_a_padding_it_does_not_compute():

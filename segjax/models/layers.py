@@ -47,6 +47,15 @@ or None: matrix products on the CPU backend only, where XLA's convolution kernel
 (tests)."""
 
 
+def _kernel_and_bias(module: nn.Module, x: jax.Array, size: int, use_bias: bool = True) -> tuple:
+  """``(x, kernel, bias)`` of a ``size`` x ``size`` convolution-like ``module`` with ``nn.Conv``'s parameter names,
+  shapes and initialisers, promoted to ``module.dtype`` (bias None without one)."""
+  shape = (size, size, x.shape[-1], module.features)
+  kernel = module.param("kernel", module.kernel_init, shape, module.param_dtype)
+  bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if use_bias else None
+  return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
 class PointwiseConv(nn.Module):
   """A 1x1 convolution, optionally strided, computed as ``x[:, ::s, ::s] @ kernel[0, 0]`` (+ bias) by
   :func:`pointwise`, whose kernel gradient is a banded matrix product.
@@ -65,9 +74,7 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = _kernel_and_bias(self, x, 1, self.use_bias)
     if self.strides > 1:
       x = x[:, :: self.strides, :: self.strides]
     y = pointwise(x, kernel[0, 0])
@@ -90,9 +97,7 @@ class UpConv2x2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = _kernel_and_bias(self, x, 2)
     batch, height, width, _ = x.shape
     # (C, a, b, O) with the spatial taps flipped, as the transposed convolution applies them
     weights = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(x.shape[-1], 4 * self.features)
@@ -251,9 +256,7 @@ class Conv3x3(nn.Module):
     pad = _padding_amount(self.padding)
     if pad is None:
       raise SegjaxError(f"Conv3x3 takes padding 'SAME' or 'VALID', got {self.padding!r}.")
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = _kernel_and_bias(self, x, 3, self.use_bias)
     if pad == 0 and x.shape[-1] >= VALID_AS_CROPPED_SAME_MIN_CHANNELS:
       y = conv3x3(x, kernel, 1)[:, 1:-1, 1:-1]  # the interior of the padded convolution reads no padding
     else:
