@@ -102,7 +102,7 @@ def test_the_blocked_weight_gradient_equals_xlas(shape, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   out = (shape[1] + 2 * pad - 2, shape[2] + 2 * pad - 2)
   g = jax.random.normal(jax.random.PRNGKey(1), (shape[0], *out, 6))
-  ours = jax.jit(layers.conv3x3_weight_gradient, static_argnums=2)(x, g, pad)
+  ours = jax.jit(layers.banded_weight_gradient, static_argnums=(2, 3))(x, g, 3, pad)
   assert ours.shape == (3, 3, shape[-1], 6) and ours.dtype == x.dtype
   _assert_sums_close(ours, _xla_weight_gradient(x, g, pad))
 
@@ -110,7 +110,7 @@ def test_the_blocked_weight_gradient_equals_xlas(shape, pad):
 def test_the_blocked_weight_gradient_of_bfloat16_inputs_accumulates_in_float32():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 96, 8)).astype(jnp.bfloat16)
   g = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 96, 4)).astype(jnp.bfloat16)
-  ours = layers.conv3x3_weight_gradient(x, g, 1)
+  ours = layers.banded_weight_gradient(x, g, 3, 1)
   exact = _xla_weight_gradient(x.astype(jnp.float32), g.astype(jnp.float32), 1)
   assert ours.dtype == jnp.bfloat16
   # rounding the float32 sum of 3072 products once to bfloat16: within bfloat16's half-ulp of the exact sum
@@ -139,7 +139,7 @@ def test_the_blocked_weight_gradient_keeps_a_sharded_batch_sharded():
   batch = parallel.batch_sharded(parallel.create_mesh())
   x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 12, 64, 4)), batch)
   g = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (8, 12, 64, 6)), batch)
-  compiled = jax.jit(layers.conv3x3_weight_gradient, static_argnums=2).lower(x, g, 1).compile()
+  compiled = jax.jit(layers.banded_weight_gradient, static_argnums=(2, 3)).lower(x, g, 3, 1).compile()
   assert "all-gather" not in compiled.as_text()
   _assert_sums_close(compiled(x, g), _xla_weight_gradient(x, g, 1))
 

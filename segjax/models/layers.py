@@ -107,7 +107,7 @@ class UpConv2x2(nn.Module):
 
 
 CONV3X3_BLOCKED_WEIGHT_GRADIENT: bool | None = None
-"""How the weight gradient of stride-1 3x3 convolutions is computed: by :func:`conv3x3_weight_gradient`, a loop of
+"""How the weight gradient of stride-1 3x3 convolutions is computed: by :func:`banded_weight_gradient`, a loop of
 small im2col matrix products (True; for outputs at least :data:`BLOCKED_MIN_WIDTH` wide), by XLA's own convolution
 (False), or None: the loop on the CPU backend only, where XLA:CPU's kernel runs this gradient at 40-65 GFLOP/s for the
 U-Nets' wide images (BENCHMARKS.md, attempt 5). The forward pass and the input gradient are XLA's convolutions either
@@ -170,11 +170,6 @@ def banded_weight_gradient(x: jax.Array, g: jax.Array, size: int, pad: int) -> j
   return total.reshape(size, size, c, features).astype(x.dtype)
 
 
-def conv3x3_weight_gradient(x: jax.Array, g: jax.Array, pad: int) -> jax.Array:
-  """The (3, 3, C, O) kernel gradient of a stride-1 3x3 convolution: :func:`banded_weight_gradient` with size 3."""
-  return banded_weight_gradient(x, g, 3, pad)
-
-
 @jax.custom_vjp
 def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """``x @ kernel`` over the channel axis of NHWC ``x``, (C, O) ``kernel``: a 1x1 convolution, whose kernel gradient
@@ -210,7 +205,7 @@ pointwise.defvjp(_pointwise_forward, _pointwise_backward)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv3x3(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """A stride-1 3x3 convolution, NHWC x HWIO, padded by ``pad`` (0 or 1) on every side, whose kernel gradient is
-  :func:`conv3x3_weight_gradient`; the output and the input gradient are XLA's."""
+  :func:`banded_weight_gradient`; the output and the input gradient are XLA's."""
   return _conv3x3(x, kernel, pad)
 
 
@@ -223,7 +218,7 @@ def _conv3x3_backward(pad, residuals, g):
   if g.shape[2] < BLOCKED_MIN_WIDTH:
     return jax.vjp(lambda x, kernel: _conv3x3(x, kernel, pad), x, kernel)[1](g)
   _, input_vjp = jax.vjp(lambda x: _conv3x3(x, kernel, pad), x)
-  return input_vjp(g)[0], conv3x3_weight_gradient(x, g, pad).astype(kernel.dtype)
+  return input_vjp(g)[0], banded_weight_gradient(x, g, 3, pad).astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
@@ -268,7 +263,7 @@ def up_convolution(features: int, *, dtype: Any = None, kernel_init: Callable = 
   """The 2x2 stride-2 transposed convolution: ``nn.ConvTranspose``, or on CPU :class:`UpConv2x2` (same parameters
   and result; XLA:CPU's weight gradient of the transposed convolution is about 20x slower than the matrix product,
   see BENCHMARKS.md and :data:`POINTWISE_AS_MATMUL`)."""
-  if _as_matmul():
+  if _cpu_form(POINTWISE_AS_MATMUL):
     return UpConv2x2(features, dtype=dtype, kernel_init=kernel_init, name=name)
   return nn.ConvTranspose(
     features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, kernel_init=kernel_init, name=name
@@ -286,8 +281,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 and ``'VALID'`` padding (an odd last row or column is dropped), NHWC: the U-Net's
   down-sampling (Ronneberger et al. 2015, Sec. 2); ``nn.max_pool(x, (2, 2), strides=(2, 2))`` or, on CPU, a reshape
   and a max with a custom gradient that computes the same values and gradients (:data:`MAX_POOL_AS_RESHAPE`)."""
-  use_reshape = MAX_POOL_AS_RESHAPE if MAX_POOL_AS_RESHAPE is not None else jax.default_backend() == "cpu"
-  if not use_reshape:
+  if not _cpu_form(MAX_POOL_AS_RESHAPE):
     return nn.max_pool(x, (2, 2), strides=(2, 2))
   return _max_pool_even(x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2])
 
@@ -318,44 +312,40 @@ def _max_pool_even_backward(first_max: jax.Array, g: jax.Array) -> tuple[jax.Arr
 _max_pool_even.defvjp(_max_pool_even_forward, _max_pool_even_backward)
 
 
-def _as_matmul() -> bool:
-  return POINTWISE_AS_MATMUL if POINTWISE_AS_MATMUL is not None else jax.default_backend() == "cpu"
-
-
-def _blocked_weight_gradient() -> bool:
-  if CONV3X3_BLOCKED_WEIGHT_GRADIENT is not None:
-    return CONV3X3_BLOCKED_WEIGHT_GRADIENT
-  return jax.default_backend() == "cpu"
+def _cpu_form(setting: bool | None) -> bool:
+  """A CPU-form switch (:data:`POINTWISE_AS_MATMUL`, :data:`CONV3X3_BLOCKED_WEIGHT_GRADIENT`,
+  :data:`MAX_POOL_AS_RESHAPE`): its value when set, else whether JAX's default backend is the CPU."""
+  return setting if setting is not None else jax.default_backend() == "cpu"
 
 
 def conv(
   features: int,
-  kernel_size: int,
+  kernel_size: int | Sequence[int],
   *,
-  strides: int = 1,
+  strides: int | Sequence[int] = 1,
   padding: Any = "SAME",
   use_bias: bool = True,
   dtype: Any = None,
   kernel_init: Callable = LECUN_NORMAL,
   name: str | None = None,
 ) -> nn.Module:
-  """A square convolution: ``nn.Conv``, or on CPU for a 1x1 kernel a :class:`PointwiseConv` and for a stride-1 3x3
-  kernel a :class:`Conv3x3` (same parameters and result, faster there; see :data:`POINTWISE_AS_MATMUL` and
-  :data:`CONV3X3_BLOCKED_WEIGHT_GRADIENT`)."""
-  if kernel_size == 1 and _as_matmul():
-    return PointwiseConv(features, strides=strides, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
-  if kernel_size == 3 and strides == 1 and _padding_amount(padding) is not None and _blocked_weight_gradient():
-    return Conv3x3(features, padding=padding, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
-  return nn.Conv(
-    features,
-    (kernel_size, kernel_size),
-    strides=(strides, strides),
-    padding=padding,
-    use_bias=use_bias,
-    dtype=dtype,
-    kernel_init=kernel_init,
-    name=name,
-  )
+  """A convolution: ``nn.Conv``, or on CPU for a 1x1 kernel a :class:`PointwiseConv` and for a stride-1 3x3 kernel a
+  :class:`Conv3x3` (same parameters and result, faster there; see :data:`POINTWISE_AS_MATMUL` and
+  :data:`CONV3X3_BLOCKED_WEIGHT_GRADIENT`). ``kernel_size`` and ``strides`` are an int (square) or a pair."""
+  kernel_size = tuple(kernel_size) if isinstance(kernel_size, Sequence) else (kernel_size, kernel_size)
+  strides = tuple(strides) if isinstance(strides, Sequence) else (strides, strides)
+  square_stride = strides[0] if strides[0] == strides[1] else None
+  common = {"use_bias": use_bias, "dtype": dtype, "kernel_init": kernel_init, "name": name}
+  if kernel_size == (1, 1) and square_stride and _cpu_form(POINTWISE_AS_MATMUL):
+    return PointwiseConv(features, strides=square_stride, **common)
+  if (
+    kernel_size == (3, 3)
+    and square_stride == 1
+    and _padding_amount(padding) is not None
+    and _cpu_form(CONV3X3_BLOCKED_WEIGHT_GRADIENT)
+  ):
+    return Conv3x3(features, padding=padding, **common)
+  return nn.Conv(features, kernel_size, strides=strides, padding=padding, **common)
 
 
 def batch_norm(
@@ -469,30 +459,16 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    kernel_size, strides = tuple(self.kernel_size), tuple(self.strides)
-    if len(set(kernel_size)) == 1 and len(set(strides)) == 1:
-      layer = conv(
-        self.features,
-        kernel_size[0],
-        strides=strides[0],
-        padding=self.padding,
-        use_bias=self.norm == "none",
-        dtype=self.dtype,
-        kernel_init=he_normal("fan_in"),
-        name="conv",
-      )
-    else:
-      layer = nn.Conv(
-        self.features,
-        kernel_size,
-        strides=strides,
-        padding=self.padding,
-        use_bias=self.norm == "none",
-        dtype=self.dtype,
-        kernel_init=he_normal("fan_in"),
-        name="conv",
-      )
-    x = layer(x)
+    x = conv(
+      self.features,
+      self.kernel_size,
+      strides=self.strides,
+      padding=self.padding,
+      use_bias=self.norm == "none",
+      dtype=self.dtype,
+      kernel_init=he_normal("fan_in"),
+      name="conv",
+    )(x)
     x = norm_layer(
       self.norm,
       train=train,
