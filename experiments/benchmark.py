@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from segjax import benchmark
+from segjax import benchmark, host
 from segjax.errors import SegjaxError
 from segjax.losses import softmax_cross_entropy
 from segjax.models import get_model
@@ -253,7 +253,8 @@ def format_table(rows: list[dict], peak: float) -> str:
   ]
   eager = {(r["case"], r["phase"]): r["images_per_s"] for r in rows if r["framework"] == "torch eager"}
   lines = [
-    f"matrix-multiply peak: {peak:.0f} GFLOP/s ({jax.devices()[0].device_kind})",
+    f"matrix-multiply peak: {peak:.0f} GFLOP/s ({jax.devices()[0].device_kind}); host allocator: "
+    f"{host.allocator_setting()} (segjax.host; PyTorch runs in the same process)",
     "| " + " | ".join(header) + " |",
   ]
   lines.append("|" + "---|" * len(header))
@@ -311,7 +312,8 @@ def main(argv: list[str]) -> None:
   print(format_table(rows, peak))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({"peak_gflops": peak, "device": str(jax.devices()[0]), "rows": rows}, f, indent=2)
+      record = {"peak_gflops": peak, "device": str(jax.devices()[0]), "host_allocator": host.allocator_setting()}
+      json.dump({**record, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
