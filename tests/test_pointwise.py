@@ -229,3 +229,38 @@ def test_pointwise_gradients_equal_the_plain_matrix_products(shape):
   (dx, dw), (their_dx, their_dw) = our_vjp(g), their_vjp(g)
   np.testing.assert_array_equal(dx, their_dx)
   _assert_sums_close(dw, their_dw)
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 10, 3), (1, 9, 7, 2)])  # odd sizes: the last window reads padding
+def test_resnet_max_pool_as_strided_taps_equals_nn_max_pool_ties_included(monkeypatch, shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ties = jnp.round(x)  # many windows with two or more equal maxima: the first in row-major order takes the gradient
+  reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+  g = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
+  monkeypatch.setattr(layers, "MAX_POOL_AS_RESHAPE", True)
+  for inputs in (x, ties):
+    ours, our_vjp = jax.vjp(layers.max_pool_3x3_stride_2, inputs)
+    theirs, their_vjp = jax.vjp(reference, inputs)
+    np.testing.assert_array_equal(ours, theirs)
+    # the same pixels receive the same gradients: exactly for unit gradients (integer sums), and to float32 rounding
+    # for others (a pixel in two or four overlapping windows adds their gradients in another order)
+    np.testing.assert_array_equal(our_vjp(jnp.ones_like(g))[0], their_vjp(jnp.ones_like(g))[0])
+    np.testing.assert_allclose(our_vjp(g)[0], their_vjp(g)[0], rtol=1e-6, atol=1e-6)
+  assert float(jnp.sum(our_vjp(jnp.ones_like(g))[0])) == g.size  # one winner per window
+
+
+def test_resnet_is_the_same_model_with_either_max_pool(monkeypatch):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 36, 36, 3))
+  results = []
+  for as_taps in (False, True):
+    monkeypatch.setattr(layers, "MAX_POOL_AS_RESHAPE", as_taps)
+    model = get_model("resnet18", num_classes=3, width=8)
+    variables = model.init(jax.random.PRNGKey(2), x, train=False)
+    loss = lambda p, model=model, variables=variables: jnp.sum(  # noqa: E731
+      jnp.sin(model.apply({**variables, "params": p}, x, train=False))
+    )
+    results.append((variables, model.apply(variables, x, train=False), jax.grad(loss)(variables["params"])))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, results[0][0], results[1][0])
+  np.testing.assert_array_equal(results[1][1], results[0][1])
+  close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)  # noqa: E731
+  jax.tree_util.tree_map(close, results[1][2], results[0][2])

@@ -273,10 +273,11 @@ def up_convolution(features: int, *, dtype: Any = None, kernel_init: Callable = 
 
 
 MAX_POOL_AS_RESHAPE: bool | None = None
-"""How the U-Net's 2x2 stride-2 max pooling runs: as a reshape and a max with a custom gradient (True), as Flax's
-``nn.max_pool`` (False), or None: the reshape on the CPU backend only, where XLA expands the gradient of
-``reduce_window`` into index-carrying windows over iotas, 5-10x slower (BENCHMARKS.md). Outputs and gradients are
-equal bit for bit, ties included (tests)."""
+"""How max pooling runs (the U-Net's 2x2 stride-2 and ResNet's 3x3 stride-2 windows): as a reshape or strided slices
+and a max with a custom gradient (True), as Flax's ``nn.max_pool`` (False), or None: the former on the CPU backend
+only, where XLA expands the gradient of ``reduce_window`` into index-carrying windows over iotas, 5-10x slower
+(BENCHMARKS.md, attempts 4 and 10). Outputs are equal bit for bit and gradients go to the same input pixels, ties
+included (tests)."""
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -312,6 +313,57 @@ def _max_pool_even_backward(first_max: jax.Array, g: jax.Array) -> tuple[jax.Arr
 
 
 _max_pool_even.defvjp(_max_pool_even_forward, _max_pool_even_backward)
+
+
+def max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
+  """3x3 max pooling with stride 2 and one pixel of -inf padding on every side, NHWC: ResNet's stem pooling (He et
+  al. 2015, Table 1; torchvision's ``MaxPool2d(3, 2, padding=1)``). ``nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1,
+  1)))`` or, on CPU, the maximum of the nine strided window taps with a custom gradient that computes the same values
+  and gradients (:data:`MAX_POOL_AS_RESHAPE`)."""
+  if not _cpu_form(MAX_POOL_AS_RESHAPE):
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return _max_pool_3x3_stride_2(x)
+
+
+def _window_maximum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The maximum of each 3x3 stride-2 window of ``x`` (N, H, W, C) padded by 1 with -inf, and the index 0-8 (int8)
+  of its first maximum in row-major window order, as XLA's select-and-scatter of max pooling picks it."""
+  n, h, w, c = x.shape
+  out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  padded = jnp.pad(x, ((0, 0), (1, 2 * out_h - h), (1, 2 * out_w - w), (0, 0)), constant_values=-jnp.inf)
+  maximum, first = padded[:, : 2 * out_h : 2, : 2 * out_w : 2], jnp.zeros((n, out_h, out_w, c), jnp.int8)
+  for k in range(1, 9):
+    ky, kx = divmod(k, 3)
+    tap = padded[:, ky : ky + 2 * out_h : 2, kx : kx + 2 * out_w : 2]
+    larger = tap > maximum
+    maximum, first = jnp.where(larger, tap, maximum), jnp.where(larger, jnp.int8(k), first)
+  return maximum, first
+
+
+@jax.custom_vjp
+def _max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
+  return _window_maximum(x)[0]
+
+
+def _max_pool_3x3_stride_2_forward(x: jax.Array) -> tuple[jax.Array, tuple]:
+  maximum, first = _window_maximum(x)
+  return maximum, (first, x.shape)
+
+
+def _max_pool_3x3_stride_2_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array]:
+  first_max, (n, h, w, c) = residuals
+  _, out_h, out_w, _ = g.shape
+  zero = jnp.zeros((), g.dtype)
+  total = jnp.zeros((n, 2 * out_h + 1, 2 * out_w + 1, c), g.dtype)
+  for k in range(9):
+    ky, kx = divmod(k, 3)
+    routed = jnp.where(first_max == k, g, zero)
+    # tap (ky, kx) of output (i, j) is padded pixel (2i + ky, 2j + kx): spread the routed gradient to those pixels
+    total = total + jax.lax.pad(routed, zero, ((0, 0, 0), (ky, 2 - ky, 1), (kx, 2 - kx, 1), (0, 0, 0)))
+  return (total[:, 1 : h + 1, 1 : w + 1],)
+
+
+_max_pool_3x3_stride_2.defvjp(_max_pool_3x3_stride_2_forward, _max_pool_3x3_stride_2_backward)
 
 
 def _cpu_form(setting: bool | None) -> bool:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import ModelConstructor, register_model
-from segjax.models.layers import batch_norm, conv, he_normal
+from segjax.models.layers import batch_norm, conv, he_normal, max_pool_3x3_stride_2
 
 PAD_1 = ((1, 1), (1, 1))
 PAD_3 = ((3, 3), (3, 3))
@@ -164,8 +164,7 @@ def _imagenet_stages(module: "ResNet | ResNetEncoder", x: jax.Array, *, train: b
   x = batch_norm(train=train, dtype=module.dtype, axis_name=module.bn_axis_name, name="bn1")(x)
   x = nn.relu(x)
   features = [x]
-  # Padding with -inf (Flax's max-pool init value), as PyTorch's MaxPool2d does.
-  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
+  x = max_pool_3x3_stride_2(x)  # padded with -inf, as PyTorch's MaxPool2d(3, 2, padding=1)
   for stage, num_blocks in enumerate(module.stage_sizes):
     for index in range(num_blocks):
       x = module.block_cls(
