@@ -92,3 +92,19 @@ def test_only_running_an_entry_point_restarts_the_process(monkeypatch, orig_argv
   assert len(calls) == restarts
   if restarts:
     assert calls[0][1] == [sys.executable, *orig_argv[1:]] and host.allocator_setting(calls[0][2]) == "tuned"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings apply on Linux only")
+def test_an_unknown_allocator_setting_stops_an_entry_point_with_a_one_line_error():
+  result = subprocess.run(
+    [sys.executable, "-m", "experiments.train", "--workdir=unused"],
+    cwd=ROOT,
+    env=_untuned_environ(SEGJAX_HOST_ALLOCATOR="fast"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+    "error: SEGJAX_HOST_ALLOCATOR='fast': set it to 'tuned' (the default) or 'default' (glibc's own)."
+  ]

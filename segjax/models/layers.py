@@ -47,16 +47,26 @@ or None: matrix products on the CPU backend only, where XLA's convolution kernel
 (tests)."""
 
 
-def _kernel_and_bias(module: nn.Module, x: jax.Array, size: int, use_bias: bool = True) -> tuple:
-  """``(x, kernel, bias)`` of a ``size`` x ``size`` convolution-like ``module`` with ``nn.Conv``'s parameter names,
-  shapes and initialisers, promoted to ``module.dtype`` (bias None without one)."""
-  shape = (size, size, x.shape[-1], module.features)
-  kernel = module.param("kernel", module.kernel_init, shape, module.param_dtype)
-  bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if use_bias else None
-  return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+class _KernelLayer(nn.Module):
+  """The fields, parameters and initialisers ``nn.Conv`` and ``nn.ConvTranspose`` have, shared by segjax's CPU forms
+  of them (:class:`PointwiseConv`, :class:`UpConv2x2`, :class:`Conv3x3`), so their checkpoints are interchangeable."""
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = LECUN_NORMAL
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  def kernel_and_bias(self, x: jax.Array, size: int) -> tuple:
+    """``(x, kernel, bias)``: the (size, size, C, features) kernel and the bias (None without one), promoted with
+    ``x`` to ``dtype``. Call from a compact ``__call__``."""
+    kernel = self.param("kernel", self.kernel_init, (size, size, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
 
-class PointwiseConv(nn.Module):
+class PointwiseConv(_KernelLayer):
   """A 1x1 convolution, optionally strided, computed as ``x[:, ::s, ::s] @ kernel[0, 0]`` (+ bias) by
   :func:`pointwise`, whose kernel gradient is a banded matrix product.
 
@@ -64,24 +74,18 @@ class PointwiseConv(nn.Module):
   kernels): the same parameter names, shapes and initialisation, and the same output.
   """
 
-  features: int
   strides: int = 1
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = LECUN_NORMAL
-  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x, kernel, bias = _kernel_and_bias(self, x, 1, self.use_bias)
+    x, kernel, bias = self.kernel_and_bias(x, 1)
     if self.strides > 1:
       x = x[:, :: self.strides, :: self.strides]
     y = pointwise(x, kernel[0, 0])
     return y if bias is None else y + bias
 
 
-class UpConv2x2(nn.Module):
+class UpConv2x2(_KernelLayer):
   """The U-Net's 2x2 stride-2 up-convolution (Ronneberger et al. 2015, Sec. 2) as one matrix product to 4 x features
   channels followed by depth-to-space: output pixel (2i + a, 2j + b) is ``x[i, j] @ kernel[1 - a, 1 - b]`` (+ bias).
 
@@ -89,21 +93,15 @@ class UpConv2x2(nn.Module):
   shapes and initialisation, and the same output.
   """
 
-  features: int
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = LECUN_NORMAL
-  bias_init: Callable = nn.initializers.zeros_init()
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x, kernel, bias = _kernel_and_bias(self, x, 2)
+    x, kernel, bias = self.kernel_and_bias(x, 2)
     batch, height, width, _ = x.shape
     # (C, a, b, O) with the spatial taps flipped, as the transposed convolution applies them
     weights = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(x.shape[-1], 4 * self.features)
     y = jax.lax.dot_general(x, weights, (((3,), (0,)), ((), ()))).reshape(batch, height, width, 2, 2, self.features)
     y = jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(batch, 2 * height, 2 * width, self.features)
-    return y + bias
+    return y if bias is None else y + bias
 
 
 CONV3X3_BLOCKED_WEIGHT_GRADIENT: bool | None = None
@@ -231,27 +229,21 @@ more than pays for the one-pixel ring computed and dropped (BENCHMARKS.md, attem
 first layer's 1-3) XLA's unpadded kernel is the faster one."""
 
 
-class Conv3x3(nn.Module):
+class Conv3x3(_KernelLayer):
   """A stride-1 3x3 convolution computed by :func:`conv3x3` (+ bias): the CPU form of ``nn.Conv`` (:func:`conv`).
 
   Drop-in for ``nn.Conv(features, (3, 3), padding=p)`` with ``p`` ``'SAME'`` or ``'VALID'`` (or the explicit
   ((1, 1), (1, 1)) / ((0, 0), (0, 0))): the same parameter names, shapes, initialisation and output.
   """
 
-  features: int
   padding: Any = "SAME"
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = LECUN_NORMAL
-  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pad = _padding_amount(self.padding)
     if pad is None:
       raise SegjaxError(f"Conv3x3 takes padding 'SAME' or 'VALID', got {self.padding!r}.")
-    x, kernel, bias = _kernel_and_bias(self, x, 3, self.use_bias)
+    x, kernel, bias = self.kernel_and_bias(x, 3)
     if pad == 0 and x.shape[-1] >= VALID_AS_CROPPED_SAME_MIN_CHANNELS:
       y = conv3x3(x, kernel, 1)[:, 1:-1, 1:-1]  # the interior of the padded convolution reads no padding
     else:
@@ -320,15 +312,18 @@ def max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
   and gradients (:data:`MAX_POOL_AS_RESHAPE`)."""
   if not _cpu_form(MAX_POOL_AS_RESHAPE):
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  # an odd last row or column gets one more -inf row or column: its windows read padding there anyway
+  x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)), constant_values=-jnp.inf)
   return _max_pool_3x3_stride_2(x)
 
 
 def _window_maximum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The maximum of each 3x3 stride-2 window of ``x`` (N, H, W, C) padded by 1 with -inf, and the index 0-8 (int8)
-  of its first maximum in row-major window order, as XLA's select-and-scatter of max pooling picks it."""
+  """The maximum of each 3x3 stride-2 window of ``x`` (N, H, W, C; H and W even) padded by 1 with -inf, and the
+  index 0-8 (int8) of its first maximum in row-major window order, as XLA's select-and-scatter of max pooling picks
+  it."""
   n, h, w, c = x.shape
-  out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  padded = jnp.pad(x, ((0, 0), (1, 2 * out_h - h), (1, 2 * out_w - w), (0, 0)), constant_values=-jnp.inf)
+  out_h, out_w = h // 2, w // 2
+  padded = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)), constant_values=-jnp.inf)
   maximum, first = padded[:, : 2 * out_h : 2, : 2 * out_w : 2], jnp.zeros((n, out_h, out_w, c), jnp.int8)
   for k in range(1, 9):
     ky, kx = divmod(k, 3)
@@ -343,14 +338,12 @@ def _max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
   return _window_maximum(x)[0]
 
 
-def _max_pool_3x3_stride_2_forward(x: jax.Array) -> tuple[jax.Array, tuple]:
-  maximum, first = _window_maximum(x)
-  return maximum, (first, x.shape)
+def _max_pool_3x3_stride_2_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return _window_maximum(x)
 
 
-def _max_pool_3x3_stride_2_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array]:
-  first_max, (n, h, w, c) = residuals
-  _, out_h, out_w, _ = g.shape
+def _max_pool_3x3_stride_2_backward(first_max: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  n, out_h, out_w, c = g.shape
   zero = jnp.zeros((), g.dtype)
   total = jnp.zeros((n, 2 * out_h + 1, 2 * out_w + 1, c), g.dtype)
   for k in range(9):
@@ -358,7 +351,7 @@ def _max_pool_3x3_stride_2_backward(residuals: tuple, g: jax.Array) -> tuple[jax
     routed = jnp.where(first_max == k, g, zero)
     # tap (ky, kx) of output (i, j) is padded pixel (2i + ky, 2j + kx): spread the routed gradient to those pixels
     total = total + jax.lax.pad(routed, zero, ((0, 0, 0), (ky, 2 - ky, 1), (kx, 2 - kx, 1), (0, 0, 0)))
-  return (total[:, 1 : h + 1, 1 : w + 1],)
+  return (total[:, 1 : 2 * out_h + 1, 1 : 2 * out_w + 1],)
 
 
 _max_pool_3x3_stride_2.defvjp(_max_pool_3x3_stride_2_forward, _max_pool_3x3_stride_2_backward)
