@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from segjax import benchmark, host
+from segjax import benchmark, host, profile
 from segjax.errors import SegjaxError
 from segjax.losses import softmax_cross_entropy
 from segjax.models import get_model
@@ -43,6 +43,11 @@ _INPUT_CONFIG = config_flags.DEFINE_config_file(
   "Experiment whose input pipeline the 'input' case times against its train step (default: the default experiment).",
 )
 _INPUT_BATCHES = flags.DEFINE_integer("input_batches", 100, "Host batches timed by the 'input' case.")
+_PROFILE = flags.DEFINE_boolean(
+  "profile",
+  False,
+  "Also profile each train step by kind of operation (segjax.profile; PyTorch eager's with torch.profiler).",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +105,8 @@ def run_jax(case: Case, dtype, peak: float) -> list[dict]:
   compile_s = benchmark.compile_time(step, state, batch)
   _, times, state = benchmark.time_steps(step, state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
   rows = [_row(case, "train", "segjax", compile_s, times, flops, peak)]
+  if _PROFILE.value:
+    rows[0]["profile_ms"], state = profile.profile_step(step, state, batch)
   make_infer = lambda: jax.jit(lambda s, x: (s, predict_logits(s, x)))  # noqa: E731
   infer = make_infer()
   compile_s, flops = benchmark.compile_time(infer, state, image), benchmark.model_flops(make_infer, state, image)
@@ -156,14 +163,19 @@ def run_torch(case: Case, torch, compiled: bool, jax_flops: dict, peak: float) -
 
   def step(_, __=None):
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(forward(x), y)
-    loss.backward()
+    with torch.profiler.record_function(_TORCH_PHASES[0]):
+      logits = forward(x)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    with torch.profiler.record_function(_TORCH_PHASES[1]):
+      loss.backward()
     optimizer.step()
     return (None, loss.detach())
 
   name = "torch compile" if compiled else "torch eager"
   first, times = _time_torch(step)
   rows = [_row(case, "train", name, first - float(np.median(times)), times, jax_flops.get("train"), peak)]
+  if _PROFILE.value and not compiled:
+    rows[0]["profile_ms"] = profile_torch(torch, step)
   model.eval()
 
   def infer(_, __=None):
@@ -173,6 +185,65 @@ def run_torch(case: Case, torch, compiled: bool, jax_flops: dict, peak: float) -
   first, times = _time_torch(infer)
   rows.append(_row(case, "inference", name, first - float(np.median(times)), times, jax_flops.get("inference"), peak))
   return rows
+
+
+_TORCH_PHASES = ("segjax.forward", "segjax.backward")
+
+
+def torch_category(op: str, phase: str | None) -> str:
+  """The :func:`segjax.profile.coarse` category of a PyTorch operator ``op`` run in ``phase`` (``'forward'``,
+  ``'backward'`` or None: outside the model's forward and backward pass)."""
+  if phase is None:
+    return profile.OUTSIDE_MODEL
+  if "convolution" in op:
+    return "convolution, backward" if "backward" in op else "convolution, forward"
+  if "batch_norm" in op:
+    return f"normalisation, {phase}"
+  if op == "aten::cat":
+    return f"concatenation, {phase}"
+  if "max_pool" in op:
+    return f"pooling, {phase}"
+  return f"element-wise and other, {phase}"
+
+
+def profile_torch(torch, step, calls: int = 2) -> dict[str, float]:
+  """Milliseconds per call of ``step`` by :func:`torch_category`: each operator's own (self) CPU time, in the phase of
+  the ``record_function`` region around it."""
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+    for _ in range(calls):
+      step(None)
+  times = {}
+  for event in trace.events():
+    phase, parent = None, event
+    while parent is not None and phase is None:
+      if parent.name in _TORCH_PHASES:
+        phase = "forward" if parent.name == _TORCH_PHASES[0] else "backward"
+      parent = parent.cpu_parent
+    name = torch_category(event.name, phase)
+    times[name] = times.get(name, 0.0) + event.self_cpu_time_total / 1e3 / calls
+  return profile.merge(times, lambda name: name)
+
+
+def format_profiles(rows: list[dict]) -> str:
+  """Per case, the profiled train steps side by side at :func:`segjax.profile.coarse` grain, then segjax's own
+  categories (a convolution's input and weight gradients apart)."""
+  lines = []
+  for case in dict.fromkeys(r["case"] for r in rows if "profile_ms" in r):
+    profiled = {r["framework"]: r["profile_ms"] for r in rows if r["case"] == case and "profile_ms" in r}
+    coarse = {framework: profile.merge(times) for framework, times in profiled.items()}
+    frameworks = list(coarse)
+    lines += [f"\n{case} train step, operation time by kind (ms per step, summed over threads)"]
+    lines += ["| kind | " + " | ".join(frameworks) + " |", "|---|" + "---|" * len(frameworks)]
+    kinds = sorted(
+      {k for times in coarse.values() for k in times}, key=lambda k: -max(t.get(k, 0) for t in coarse.values())
+    )
+    for kind in [*kinds, "total"]:
+      cells = [sum(t.values()) if kind == "total" else t.get(kind) for t in coarse.values()]
+      lines.append(f"| {kind} | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |")
+    if "segjax" in profiled:
+      detail = ", ".join(f"{k} {v:.1f}" for k, v in profiled["segjax"].items() if k.startswith(("convolution", "up-")))
+      lines.append(f"segjax's convolutions in detail (ms): {detail}")
+  return "\n".join(lines)
 
 
 def run_input(config) -> list[dict]:
@@ -310,6 +381,8 @@ def main(argv: list[str]) -> None:
         rows += torch_rows
         print(json.dumps(torch_rows), flush=True)
   print(format_table(rows, peak))
+  if _PROFILE.value:
+    print(format_profiles(rows))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       record = {"peak_gflops": peak, "device": str(jax.devices()[0]), "host_allocator": host.allocator_setting()}

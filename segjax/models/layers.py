@@ -127,6 +127,11 @@ def _conv3x3(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+INPUT_GRADIENT_SCOPE = "input_gradient"
+WEIGHT_GRADIENT_SCOPE = "weight_gradient"
+"""``jax.named_scope``s of the CPU forms' input and kernel gradients, which :mod:`segjax.profile` reads back."""
+
+
 BLOCKED_MIN_WIDTH = 64
 """Narrower outputs (ResNet's 56 to 7 pixel stages) keep XLA's weight gradient, which is as fast or faster there."""
 
@@ -189,11 +194,13 @@ def _pointwise_forward(x, kernel):
 
 def _pointwise_backward(residuals, g):
   x, kernel = residuals
-  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  if x.shape[0] * x.shape[1] * x.shape[2] < BANDED_POINTWISE_MIN_PIXELS:
-    dw = jax.lax.dot_general(x, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
-  else:
-    dw = banded_weight_gradient(x, g, 1, 0)[0, 0]
+  with jax.named_scope(INPUT_GRADIENT_SCOPE):
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  with jax.named_scope(WEIGHT_GRADIENT_SCOPE):
+    if x.shape[0] * x.shape[1] * x.shape[2] < BANDED_POINTWISE_MIN_PIXELS:
+      dw = jax.lax.dot_general(x, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
+    else:
+      dw = banded_weight_gradient(x, g, 1, 0)[0, 0]
   return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
@@ -215,8 +222,11 @@ def _conv3x3_backward(pad, residuals, g):
   x, kernel = residuals
   if g.shape[2] < BLOCKED_MIN_WIDTH:
     return jax.vjp(lambda x, kernel: _conv3x3(x, kernel, pad), x, kernel)[1](g)
-  _, input_vjp = jax.vjp(lambda x: _conv3x3(x, kernel, pad), x)
-  return input_vjp(g)[0], banded_weight_gradient(x, g, 3, pad).astype(kernel.dtype)
+  with jax.named_scope(INPUT_GRADIENT_SCOPE):
+    dx = jax.vjp(lambda x: _conv3x3(x, kernel, pad), x)[1](g)[0]
+  with jax.named_scope(WEIGHT_GRADIENT_SCOPE):
+    dw = banded_weight_gradient(x, g, 3, pad)
+  return dx, dw.astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
@@ -274,9 +284,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 and ``'VALID'`` padding (an odd last row or column is dropped), NHWC: the U-Net's
   down-sampling (Ronneberger et al. 2015, Sec. 2); ``nn.max_pool(x, (2, 2), strides=(2, 2))`` or, on CPU, a reshape
   and a max with a custom gradient that computes the same values and gradients (:data:`MAX_POOL_AS_RESHAPE`)."""
-  if not _cpu_form(MAX_POOL_AS_RESHAPE):
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-  return _max_pool_even(x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2])
+  with jax.named_scope("max_pool"):
+    if not _cpu_form(MAX_POOL_AS_RESHAPE):
+      return nn.max_pool(x, (2, 2), strides=(2, 2))
+    return _max_pool_even(x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2])
 
 
 def _pool_windows(x: jax.Array) -> jax.Array:
@@ -310,11 +321,12 @@ def max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
   al. 2015, Table 1; torchvision's ``MaxPool2d(3, 2, padding=1)``). ``nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1,
   1)))`` or, on CPU, the maximum of the nine strided window taps with a custom gradient that computes the same values
   and gradients (:data:`MAX_POOL_AS_RESHAPE`)."""
-  if not _cpu_form(MAX_POOL_AS_RESHAPE):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  # an odd last row or column gets one more -inf row or column: its windows read padding there anyway
-  x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)), constant_values=-jnp.inf)
-  return _max_pool_3x3_stride_2(x)
+  with jax.named_scope("max_pool"):
+    if not _cpu_form(MAX_POOL_AS_RESHAPE):
+      return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # an odd last row or column gets one more -inf row or column: its windows read padding there anyway
+    x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)), constant_values=-jnp.inf)
+    return _max_pool_3x3_stride_2(x)
 
 
 def _window_maximum(x: jax.Array) -> tuple[jax.Array, jax.Array]:

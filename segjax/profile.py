@@ -1,0 +1,219 @@
+"""Where a compiled step's time goes: a per-operation profile of an XLA executable, grouped by kind of work.
+
+:func:`profile_step` runs a jitted function under ``jax.profiler``, reads the trace's per-operation events (XLA:CPU
+names the HLO instruction each one ran) and sums their durations per category of :func:`categorize`, which reads the
+compiled HLO: the Flax module path in each instruction's ``op_name`` metadata, whether it is in the backward pass
+(``transpose(jvp(...))``), and whether it is (or fuses) a convolution or matrix product.
+
+Convolution categories split the forward pass, the input gradient and the weight gradient. segjax's CPU forms name
+their gradients with ``jax.named_scope`` (``input_gradient``, ``weight_gradient``: the banded loops of
+:mod:`segjax.models.layers`); XLA's own gradients are told apart by their shape: a weight gradient's window spans the
+image and its output is the kernel, an input gradient's window is the kernel (convolutions), and a weight gradient
+contracts the leading (example) axis (matrix products). Times are summed over threads, so on a multi-core CPU the
+total can exceed the step's wall time.
+"""
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from segjax.models.layers import INPUT_GRADIENT_SCOPE, WEIGHT_GRADIENT_SCOPE
+
+OUTSIDE_MODEL = "loss, optimizer and other"
+CONTROL_FLOW = ("while", "conditional", "call")  # their bodies' operations are traced (and counted) themselves
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_MODEL_SCOPE = re.compile(r"(?:^|/)(transpose\()?(?:jvp\()?[A-Z][\w.]*\)*/(.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  """One HLO instruction of a compiled module: its name, opcode, ``op_name`` metadata and text."""
+
+  name: str
+  opcode: str
+  op_name: str
+  text: str
+  calls: str | None  # the fused computation of a fusion
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[Instruction]]]:
+  """``(instructions by name, instructions by computation)`` of an HLO module's text (``compiled.as_text()``)."""
+  by_name, by_computation, computation = {}, {}, None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      match = _COMPUTATION.match(line)
+      computation = match.group(1) if match else None
+      if computation:
+        by_computation[computation] = []
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match or computation is None:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    calls = re.search(r"calls=%?([\w.\-]+)", line) if match.group(3) == "fusion" else None
+    instruction = Instruction(
+      match.group(1), match.group(3), op_name.group(1) if op_name else "", line, calls.group(1) if calls else None
+    )
+    by_name[instruction.name] = instruction
+    by_computation[computation].append(instruction)
+  return by_name, by_computation
+
+
+def _is_weight_gradient_convolution(text: str) -> bool:
+  """Whether an HLO convolution computes a kernel gradient: its window (the output gradient's image) covers more
+  pixels than its output (the kernel). An input gradient's window is the kernel and its output the image."""
+  window = re.search(r"window=\{size=([\dx]+)", text)
+  labels = re.search(r"dim_labels=\w+_\w+->(\w+)", text)
+  shape = re.search(r"= \w+\[([\d,]*)\]", text)
+  if not (window and labels and shape):
+    return False
+  dims = [int(d) for d in shape.group(1).split(",") if d]
+  output_area = 1
+  for position, label in enumerate(labels.group(1)):
+    if label.isdigit() and position < len(dims):
+      output_area *= dims[position]
+  window_area = 1
+  for size in window.group(1).split("x"):
+    window_area *= int(size)
+  return window_area > output_area
+
+
+def _is_weight_gradient_dot(text: str) -> bool:
+  """Whether a backward HLO dot computes a kernel gradient: it contracts the leading (example) axis."""
+  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", text)
+  return bool(contracting) and "0" in contracting.group(1).split(",")
+
+
+def _stage(op_name: str, backward: bool, products: list[Instruction]) -> str:
+  if WEIGHT_GRADIENT_SCOPE in op_name.split("/"):
+    return "weight gradient"
+  if INPUT_GRADIENT_SCOPE in op_name.split("/"):
+    return "input gradient"
+  if not backward:
+    return "forward"
+  for product in products:
+    is_weight = _is_weight_gradient_convolution if product.opcode == "convolution" else _is_weight_gradient_dot
+    if is_weight(product.text):
+      return "weight gradient"
+  return "input gradient"
+
+
+def category(instruction: Instruction, computations: dict[str, list[Instruction]]) -> str:
+  """The kind of work of one instruction (fusions: of the instructions they fuse), e.g. ``'convolution, weight
+  gradient'``, ``'normalisation, backward'``, ``'concatenation, forward'`` or :data:`OUTSIDE_MODEL` for everything
+  outside the model's forward and backward pass."""
+  inner = computations.get(instruction.calls, []) if instruction.calls else []
+  members = [instruction, *inner]
+  op_name = instruction.op_name or next((i.op_name for i in reversed(inner) if i.op_name), "")
+  scope = _MODEL_SCOPE.search(op_name)
+  products = [i for i in members if i.opcode in ("convolution", "dot")]
+  if scope is None:
+    # XLA drops the metadata of some kernel gradients; their shape still tells them
+    weight_gradient = not op_name and products and _stage("", True, products) == "weight gradient"
+    return "convolution, weight gradient" if weight_gradient else OUTSIDE_MODEL
+  backward, path = bool(scope.group(1)), scope.group(2).split("/")
+  if products or WEIGHT_GRADIENT_SCOPE in path or INPUT_GRADIENT_SCOPE in path:
+    layer = "up-convolution" if any(p.startswith("upsample") for p in path) else "convolution"
+    return f"{layer}, {_stage(op_name, backward, products)}"
+  phase = "backward" if backward else "forward"
+  if any(p == "norm" or p.startswith(("BatchNorm", "GroupNorm", "InstanceNorm", "bn")) for p in path):
+    return f"normalisation, {phase}"
+  root = inner[-1].opcode if inner else instruction.opcode
+  if instruction.opcode == "concatenate" or root == "concatenate" or path[-1] == "concatenate":
+    return f"concatenation, {phase}"
+  if any(i.opcode in ("reduce-window", "select-and-scatter") for i in members) or any("pool" in p for p in path):
+    return f"pooling, {phase}"
+  return f"element-wise and other, {phase}"
+
+
+def categorize(hlo_text: str) -> dict[str, str]:
+  """The :func:`category` of every instruction of a compiled HLO module, by instruction name."""
+  by_name, computations = parse_hlo(hlo_text)
+  return {name: category(instruction, computations) for name, instruction in by_name.items()}
+
+
+def operation_times(trace_events: list[dict], module: str) -> collections.Counter:
+  """Microseconds per HLO instruction of ``module`` in a Chrome-format trace (the ``traceEvents`` of
+  ``jax.profiler``'s ``*.trace.json.gz``), summed over calls and threads."""
+  totals = collections.Counter()
+  for event in trace_events:
+    args = event.get("args") or {}
+    if event.get("ph") == "X" and args.get("hlo_module") == module and event.get("name") == args.get("hlo_op"):
+      totals[event["name"]] += float(event.get("dur", 0.0))
+  return totals
+
+
+def _read_trace(log_dir: str) -> list[dict]:
+  paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)
+  if not paths:
+    raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {log_dir}")
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    return json.load(f)["traceEvents"]
+
+
+def profile_step(step: Callable, carry: Any, *args, calls: int = 2) -> tuple[dict[str, float], Any]:
+  """Milliseconds per call of jitted ``step`` by :func:`category`, from ``calls`` calls under ``jax.profiler``.
+
+  ``step(carry, *args)`` must return ``(carry, ...)``, like a train step (the carry may be donated); it is called once
+  before the trace so that compilation is not profiled. Returns ``(milliseconds by category, final carry)``; the
+  categories are sorted by time, and operations the trace names but the compiled module lacks are ``'unattributed'``.
+  """
+  compiled = step.lower(carry, *args).compile()
+  categories = categorize(compiled.as_text())
+  carry = jax.block_until_ready(step(carry, *args))[0]
+  with tempfile.TemporaryDirectory() as log_dir:
+    jax.profiler.start_trace(log_dir)
+    try:
+      for _ in range(calls):
+        carry = jax.block_until_ready(step(carry, *args))[0]
+    finally:
+      jax.profiler.stop_trace()
+    events = _read_trace(log_dir)
+  module = _module_name(events, categories)
+  by_name, _ = parse_hlo(compiled.as_text())
+  totals = collections.Counter()
+  for name, micros in operation_times(events, module).items():
+    if by_name.get(name) is not None and by_name[name].opcode in CONTROL_FLOW:
+      continue
+    totals[categories.get(name, "unattributed")] += micros / 1e3 / calls
+  return dict(totals.most_common()), carry
+
+
+def _module_name(events: list[dict], categories: dict[str, str]) -> str:
+  """The traced module whose instruction names best match the compiled module's (the step's own module)."""
+  hits = collections.Counter()
+  for event in events:
+    args = event.get("args") or {}
+    if "hlo_module" in args and args.get("hlo_op") in categories:
+      hits[args["hlo_module"]] += 1
+  if not hits:
+    raise RuntimeError("the profiler trace has no operation of the step's compiled module (is this XLA:CPU?)")
+  return hits.most_common(1)[0][0]
+
+
+def coarse(category_name: str) -> str:
+  """A :func:`category` at the grain a PyTorch profile also has: up-convolutions counted with convolutions, and a
+  convolution's input and weight gradients together (PyTorch runs both in one ``convolution_backward``)."""
+  kind, _, stage = category_name.partition(", ")
+  if kind in ("convolution", "up-convolution"):
+    return "convolution, forward" if stage == "forward" else "convolution, backward"
+  return category_name
+
+
+def merge(times: dict[str, float], grouping: Callable[[str], str] = coarse) -> dict[str, float]:
+  """``times`` (milliseconds by category) summed by ``grouping(category)``, largest first."""
+  merged = collections.Counter()
+  for name, ms in times.items():
+    merged[grouping(name)] += ms
+  return dict(merged.most_common())
