@@ -14,6 +14,7 @@ eager and ``torch.compile`` (channels-last) and the ratio segjax / PyTorch eager
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,20 @@ def _classifier_step(state, batch):
   return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"]), {"loss": loss}
 
 
+def without_kernel_gradients(apply_fn: Callable) -> Callable:
+  """``apply_fn`` with every ``kernel`` parameter under ``stop_gradient``: a train step through it computes the
+  forward pass, the input gradients and the other parameters' gradients, but no convolution kernel gradient."""
+
+  def apply(variables, *args, **kwargs):
+    params = jax.tree_util.tree_map_with_path(
+      lambda path, value: jax.lax.stop_gradient(value) if "kernel" in jax.tree_util.keystr(path) else value,
+      variables["params"],
+    )
+    return apply_fn({**variables, "params": params}, *args, **kwargs)
+
+  return apply
+
+
 def run_jax(case: Case, dtype, peak: float) -> list[dict]:
   """The train step and eval-mode inference of ``case`` in segjax: one row each."""
   model = get_model(case.model, num_classes=case.classes, dtype=dtype, **case.kwargs)
@@ -107,6 +122,11 @@ def run_jax(case: Case, dtype, peak: float) -> list[dict]:
   rows = [_row(case, "train", "segjax", compile_s, times, flops, peak)]
   if _PROFILE.value:
     rows[0]["profile_ms"], state = profile.profile_step(step, state, batch)
+    # the same step with every convolution kernel held constant: what the rest costs (BENCHMARKS.md, the floor)
+    floor_state = state.replace(apply_fn=without_kernel_gradients(state.apply_fn))
+    _, times, floor_state = benchmark.time_steps(step, floor_state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
+    rows.append(_row(case, "train, kernels constant", "segjax", 0.0, times, None, peak))
+    state = floor_state.replace(apply_fn=state.apply_fn)
   make_infer = lambda: jax.jit(lambda s, x: (s, predict_logits(s, x)))  # noqa: E731
   infer = make_infer()
   compile_s, flops = benchmark.compile_time(infer, state, image), benchmark.model_flops(make_infer, state, image)
@@ -232,7 +252,7 @@ def format_profiles(rows: list[dict]) -> str:
     profiled = {r["framework"]: r["profile_ms"] for r in rows if r["case"] == case and "profile_ms" in r}
     coarse = {framework: profile.merge(times) for framework, times in profiled.items()}
     frameworks = list(coarse)
-    lines += [f"\n{case} train step, operation time by kind (ms per step, summed over threads)"]
+    lines += [f"\n{case} train step, wall time by kind of operation (ms per step)"]
     lines += ["| kind | " + " | ".join(frameworks) + " |", "|---|" + "---|" * len(frameworks)]
     kinds = sorted(
       {k for times in coarse.values() for k in times}, key=lambda k: -max(t.get(k, 0) for t in coarse.values())
@@ -243,6 +263,17 @@ def format_profiles(rows: list[dict]) -> str:
     if "segjax" in profiled:
       detail = ", ".join(f"{k} {v:.1f}" for k, v in profiled["segjax"].items() if k.startswith(("convolution", "up-")))
       lines.append(f"segjax's convolutions in detail (ms): {detail}")
+    steps = {(r["framework"], r["phase"]): r["median_ms"] for r in rows if r["case"] == case}
+    if ("segjax", "train, kernels constant") in steps:
+      lines.append(
+        f"segjax's train step with the convolution kernels held constant (no kernel gradients): "
+        f"{steps['segjax', 'train, kernels constant']:.1f} ms; the full step: {steps['segjax', 'train']:.1f} ms"
+        + (
+          f"; PyTorch eager's full step: {steps['torch eager', 'train']:.1f} ms"
+          if ("torch eager", "train") in steps
+          else ""
+        )
+      )
   return "\n".join(lines)
 
 

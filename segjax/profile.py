@@ -9,8 +9,12 @@ Convolution categories split the forward pass, the input gradient and the weight
 their gradients with ``jax.named_scope`` (``input_gradient``, ``weight_gradient``: the banded loops of
 :mod:`segjax.models.layers`); XLA's own gradients are told apart by their shape: a weight gradient's window spans the
 image and its output is the kernel, an input gradient's window is the kernel (convolutions), and a weight gradient
-contracts the leading (example) axis (matrix products). Times are summed over threads, so on a multi-core CPU the
-total can exceed the step's wall time.
+contracts the leading (example) axis (matrix products).
+
+Each operation is charged its share of the wall time, from its start to its completion, with operations in flight at
+the same moment (on other threads, or queued) splitting that moment evenly (:func:`wall_time_shares`). The categories
+therefore add up to the time the step kept the CPU busy, and compare directly with a step time or with PyTorch's
+per-operator times.
 """
 
 import collections
@@ -143,15 +147,45 @@ def categorize(hlo_text: str) -> dict[str, str]:
   return {name: category(instruction, computations) for name, instruction in by_name.items()}
 
 
-def operation_times(trace_events: list[dict], module: str) -> collections.Counter:
-  """Microseconds per HLO instruction of ``module`` in a Chrome-format trace (the ``traceEvents`` of
-  ``jax.profiler``'s ``*.trace.json.gz``), summed over calls and threads."""
-  totals = collections.Counter()
-  for event in trace_events:
-    args = event.get("args") or {}
-    if event.get("ph") == "X" and args.get("hlo_module") == module and event.get("name") == args.get("hlo_op"):
-      totals[event["name"]] += float(event.get("dur", 0.0))
-  return totals
+def operation_intervals(trace_events: list[dict], module: str) -> list[tuple[str, float, float]]:
+  """``(instruction, start, end)`` in microseconds for each operation of ``module`` in a Chrome-format trace (the
+  ``traceEvents`` of ``jax.profiler``'s ``*.trace.json.gz``).
+
+  XLA:CPU's executor marks an operation's start (an event named after its instruction, with ``hlo_op`` and
+  ``hlo_module`` arguments) and its completion (an event ``'end: <instruction>'``). Most operations complete within
+  their start event, but those it runs asynchronously (its own convolution kernels and matrix products, spread over
+  the thread pool) return at once and complete later, so an operation ends at its completion mark.
+  """
+  started = collections.defaultdict(collections.deque)
+  intervals = []
+  for event in sorted((e for e in trace_events if e.get("ph") == "X"), key=lambda e: float(e.get("ts", 0.0))):
+    args, name = event.get("args") or {}, event.get("name", "")
+    start = float(event.get("ts", 0.0))
+    if args.get("hlo_module") == module and name == args.get("hlo_op"):
+      started[name].append(len(intervals))
+      intervals.append((name, start, start + float(event.get("dur", 0.0))))
+    elif name.startswith("end: ") and started[name[5:]]:
+      index = started[name[5:]].popleft()
+      op, first, end = intervals[index]
+      intervals[index] = (op, first, max(end, start))
+  return intervals
+
+
+def wall_time_shares(intervals: list[tuple[str, float, float]]) -> collections.Counter:
+  """Each operation's share of the wall time: at every instant the operations in flight split it evenly, so the
+  shares add up to the time anything was running, however many threads ran them."""
+  boundaries = sorted(
+    [(start, 1, i) for i, (_, start, _) in enumerate(intervals)]
+    + [(end, 0, i) for i, (_, _, end) in enumerate(intervals)]
+  )
+  shares, active, previous = collections.Counter(), set(), None
+  for time, is_start, index in boundaries:  # ends sort before starts at the same instant
+    if active and previous is not None and time > previous:
+      for i in active:
+        shares[intervals[i][0]] += (time - previous) / len(active)
+    previous = time
+    (active.add if is_start else active.discard)(index)
+  return shares
 
 
 def _read_trace(log_dir: str) -> list[dict]:
@@ -163,7 +197,8 @@ def _read_trace(log_dir: str) -> list[dict]:
 
 
 def profile_step(step: Callable, carry: Any, *args, calls: int = 2) -> tuple[dict[str, float], Any]:
-  """Milliseconds per call of jitted ``step`` by :func:`category`, from ``calls`` calls under ``jax.profiler``.
+  """Milliseconds of wall time per call of jitted ``step`` by :func:`category`, from ``calls`` calls under
+  ``jax.profiler``.
 
   ``step(carry, *args)`` must return ``(carry, ...)``, like a train step (the carry may be donated); it is called once
   before the trace so that compilation is not profiled. Returns ``(milliseconds by category, final carry)``; the
@@ -182,10 +217,13 @@ def profile_step(step: Callable, carry: Any, *args, calls: int = 2) -> tuple[dic
     events = _read_trace(log_dir)
   module = _module_name(events, categories)
   by_name, _ = parse_hlo(compiled.as_text())
+  intervals = [
+    i
+    for i in operation_intervals(events, module)
+    if by_name.get(i[0]) is None or by_name[i[0]].opcode not in CONTROL_FLOW
+  ]
   totals = collections.Counter()
-  for name, micros in operation_times(events, module).items():
-    if by_name.get(name) is not None and by_name[name].opcode in CONTROL_FLOW:
-      continue
+  for name, micros in wall_time_shares(intervals).items():
     totals[categories.get(name, "unattributed")] += micros / 1e3 / calls
   return dict(totals.most_common()), carry
 

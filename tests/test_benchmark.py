@@ -30,3 +30,28 @@ def test_model_flops_counts_the_scanned_weight_gradient_in_full(monkeypatch):
   assert counted == _flops(make().lower(state, batch))
   # the 64-wide level's two 3x3 weight gradients alone are 2 * 9 * (1 * 4 + 4 * 4) * 2 * 64 * 64 FLOPs
   assert counted - scanned > 0.9 * 2 * 9 * (1 * 4 + 4 * 4) * 2 * 64 * 64
+
+
+def test_holding_kernels_constant_drops_only_their_gradients():
+  from experiments.benchmark import without_kernel_gradients
+
+  model = get_model("unet", num_classes=2, depth=1, base_width=4)
+  state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (1, 16, 16, 1))
+  image = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 1))
+
+  def loss(params, apply_fn):
+    logits, _ = apply_fn(
+      {"params": params, "batch_stats": state.batch_stats}, image, train=True, mutable=["batch_stats"]
+    )
+    return jnp.sum(logits**2)
+
+  value, grads = jax.value_and_grad(loss)(state.params, state.apply_fn)
+  held, held_grads = jax.value_and_grad(loss)(state.params, without_kernel_gradients(state.apply_fn))
+  assert held == value
+  for (path, grad), held_grad in zip(
+    jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(held_grads), strict=True
+  ):
+    if "kernel" in jax.tree_util.keystr(path):
+      assert not jnp.any(held_grad) and jnp.any(grad)
+    else:
+      assert jnp.array_equal(held_grad, grad)

@@ -135,10 +135,35 @@ def test_pytorch_profile_uses_the_same_kinds():
   times = benchmark.profile_torch(torch, step)
   for kind in ("convolution, forward", "convolution, backward", "normalisation, backward", profile.OUTSIDE_MODEL):
     assert times[kind] > 0
+  segjax_times = {"convolution, input gradient": 2.0, "pooling, forward": 1.0}
   table = benchmark.format_profiles(
     [
-      {"case": "c", "framework": "segjax", "profile_ms": {"convolution, input gradient": 2.0, "pooling, forward": 1.0}},
-      {"case": "c", "framework": "torch eager", "profile_ms": times},
+      {"case": "c", "phase": "train", "framework": "segjax", "median_ms": 3.5, "profile_ms": segjax_times},
+      {"case": "c", "phase": "train, kernels constant", "framework": "segjax", "median_ms": 1.5},
+      {"case": "c", "phase": "train", "framework": "torch eager", "median_ms": 2.5, "profile_ms": times},
     ]
   )
   assert "| convolution, backward | 2.0 |" in table and "| total | 3.0 |" in table
+  assert "(no kernel gradients): 1.5 ms; the full step: 3.5 ms; PyTorch eager's full step: 2.5 ms" in table
+
+
+def _event(name: str, start: float, duration: float, module: str | None = "m") -> dict:
+  args = {"hlo_module": module, "hlo_op": name} if module else {}
+  return {"ph": "X", "name": name, "ts": start, "dur": duration, "args": args}
+
+
+def test_asynchronous_operations_end_at_their_completion_and_overlaps_split_the_wall_time():
+  events = [
+    _event("a", 0, 10),
+    _event("end: a", 10, 0.1, None),
+    _event("b", 5, 1),  # launched at 5, runs on the thread pool, completes at 25
+    _event("end: b", 25, 0.1, None),
+    _event("c", 0, 30, module="another"),
+    _event("a", 40, 2),  # a second call of a, no overlap
+    _event("end: a", 42, 0.1, None),
+  ]
+  intervals = profile.operation_intervals(events, "m")
+  assert sorted(intervals) == [("a", 0, 10), ("a", 40, 42), ("b", 5, 25)]
+  shares = profile.wall_time_shares(intervals)
+  assert shares == {"a": pytest.approx(5 + 2.5 + 2), "b": pytest.approx(2.5 + 15)}
+  assert sum(shares.values()) == pytest.approx(25 + 2)  # the busy wall time
