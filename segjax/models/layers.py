@@ -161,16 +161,20 @@ def banded_weight_gradient(x: jax.Array, g: jax.Array, size: int, pad: int) -> j
     gs = jax.lax.dynamic_slice_in_dim(gp, band * rows, rows, axis=1)
     shifts = [xs[:, ky : ky + rows, kx : kx + width] for ky in range(size) for kx in range(size)]
     patches = shifts[0] if size == 1 else jnp.concatenate(shifts, -1)
+    # (O, P) @ (P, size^2 C): the transposed operand is the narrow gradient band, and the patches enter the product
+    # in the row-major form XLA:CPU's matrix-product kernels take directly. Written as a batched product (one batch):
+    # the plain 2-D form of this product runs on a kernel whose sums depend on how many devices share the process's
+    # threads (BENCHMARKS.md, attempts 8, 16 and 17)
     product = jax.lax.dot_general(
-      patches.reshape(-1, size * size * c),
-      gs.reshape(-1, features),
-      (((0,), (0,)), ((), ())),
+      gs.reshape(1, -1, features).transpose(0, 2, 1),
+      patches.reshape(1, -1, size * size * c),
+      (((2,), (1,)), ((0,), (0,))),
       preferred_element_type=jnp.float32,
     )
-    return total + product, None
+    return total + product[0], None
 
-  total, _ = jax.lax.scan(add_band, jnp.zeros((size * size * c, features), jnp.float32), jnp.arange(bands))
-  return total.reshape(size, size, c, features).astype(x.dtype)
+  total, _ = jax.lax.scan(add_band, jnp.zeros((features, size * size * c), jnp.float32), jnp.arange(bands))
+  return total.T.reshape(size, size, c, features).astype(x.dtype)
 
 
 @jax.custom_vjp
