@@ -1,7 +1,7 @@
 """Where a compiled step's time goes: a per-operation profile of an XLA executable, grouped by kind of work.
 
 :func:`profile_step` runs a jitted function under ``jax.profiler``, reads the trace's per-operation events (XLA:CPU
-names the HLO instruction each one ran) and sums their durations per category of :func:`categorize`, which reads the
+names the HLO instruction each one ran) and adds up their wall time per category of :func:`categorize`, which reads the
 compiled HLO: the Flax module path in each instruction's ``op_name`` metadata, whether it is in the backward pass
 (``transpose(jvp(...))``), and whether it is (or fuses) a convolution or matrix product.
 
@@ -22,6 +22,7 @@ import dataclasses
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import tempfile
@@ -33,7 +34,9 @@ import jax
 from segjax.models.layers import INPUT_GRADIENT_SCOPE, WEIGHT_GRADIENT_SCOPE
 
 OUTSIDE_MODEL = "loss, optimizer and other"
-CONTROL_FLOW = ("while", "conditional", "call")  # their bodies' operations are traced (and counted) themselves
+CONTROL_FLOW = "control flow"
+"""The category of loops, conditionals and calls: their bodies' operations are traced, and counted, themselves."""
+_CONTROL_FLOW_OPCODES = ("while", "conditional", "call")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -83,14 +86,8 @@ def _is_weight_gradient_convolution(text: str) -> bool:
   if not (window and labels and shape):
     return False
   dims = [int(d) for d in shape.group(1).split(",") if d]
-  output_area = 1
-  for position, label in enumerate(labels.group(1)):
-    if label.isdigit() and position < len(dims):
-      output_area *= dims[position]
-  window_area = 1
-  for size in window.group(1).split("x"):
-    window_area *= int(size)
-  return window_area > output_area
+  output_area = math.prod(dims[i] for i, label in enumerate(labels.group(1)) if label.isdigit() and i < len(dims))
+  return math.prod(int(size) for size in window.group(1).split("x")) > output_area
 
 
 def _is_weight_gradient_dot(text: str) -> bool:
@@ -115,8 +112,10 @@ def _stage(op_name: str, backward: bool, products: list[Instruction]) -> str:
 
 def category(instruction: Instruction, computations: dict[str, list[Instruction]]) -> str:
   """The kind of work of one instruction (fusions: of the instructions they fuse), e.g. ``'convolution, weight
-  gradient'``, ``'normalisation, backward'``, ``'concatenation, forward'`` or :data:`OUTSIDE_MODEL` for everything
-  outside the model's forward and backward pass."""
+  gradient'``, ``'normalisation, backward'``, ``'concatenation, forward'``, :data:`OUTSIDE_MODEL` for everything
+  outside the model's forward and backward pass, or :data:`CONTROL_FLOW`."""
+  if instruction.opcode in _CONTROL_FLOW_OPCODES:
+    return CONTROL_FLOW
   inner = computations.get(instruction.calls, []) if instruction.calls else []
   members = [instruction, *inner]
   op_name = instruction.op_name or next((i.op_name for i in reversed(inner) if i.op_name), "")
@@ -204,26 +203,20 @@ def profile_step(step: Callable, carry: Any, *args, calls: int = 2) -> tuple[dic
   before the trace so that compilation is not profiled. Returns ``(milliseconds by category, final carry)``; the
   categories are sorted by time, and operations the trace names but the compiled module lacks are ``'unattributed'``.
   """
-  compiled = step.lower(carry, *args).compile()
+  compiled = step.lower(carry, *args).compile()  # run directly below: the step is compiled once, here
   categories = categorize(compiled.as_text())
-  carry = jax.block_until_ready(step(carry, *args))[0]
+  carry = jax.block_until_ready(compiled(carry, *args))[0]
   with tempfile.TemporaryDirectory() as log_dir:
     jax.profiler.start_trace(log_dir)
     try:
       for _ in range(calls):
-        carry = jax.block_until_ready(step(carry, *args))[0]
+        carry = jax.block_until_ready(compiled(carry, *args))[0]
     finally:
       jax.profiler.stop_trace()
     events = _read_trace(log_dir)
-  module = _module_name(events, categories)
-  by_name, _ = parse_hlo(compiled.as_text())
-  intervals = [
-    i
-    for i in operation_intervals(events, module)
-    if by_name.get(i[0]) is None or by_name[i[0]].opcode not in CONTROL_FLOW
-  ]
+  intervals = operation_intervals(events, _module_name(events, categories))
   totals = collections.Counter()
-  for name, micros in wall_time_shares(intervals).items():
+  for name, micros in wall_time_shares([i for i in intervals if categories.get(i[0]) != CONTROL_FLOW]).items():
     totals[categories.get(name, "unattributed")] += micros / 1e3 / calls
   return dict(totals.most_common()), carry
 

@@ -64,6 +64,8 @@ def test_cpu_forms_name_their_gradients():
   fused = {i.name for f in by_name.values() if f.calls for i in computations.get(f.calls, [])}
   loops = [n for n, i in by_name.items() if "/while/" in i.op_name and "/conv/" in i.op_name and n not in fused]
   assert loops and {categories[n] for n in loops} == {"convolution, weight gradient"}
+  whiles = [n for n, i in by_name.items() if i.opcode == "while"]
+  assert whiles and {categories[n] for n in whiles} == {profile.CONTROL_FLOW}  # their bodies are counted instead
   assert {
     "convolution, forward",
     "convolution, input gradient",
@@ -167,3 +169,10 @@ def test_asynchronous_operations_end_at_their_completion_and_overlaps_split_the_
   shares = profile.wall_time_shares(intervals)
   assert shares == {"a": pytest.approx(5 + 2.5 + 2), "b": pytest.approx(2.5 + 15)}
   assert sum(shares.values()) == pytest.approx(25 + 2)  # the busy wall time
+
+
+def test_a_trace_without_the_steps_operations_is_refused():
+  events = [_event("fusion.1", 0, 5, module="jit_other")]
+  with pytest.raises(RuntimeError, match="no operation of the step's compiled module"):
+    profile._module_name(events, {"fusion.7": "convolution, forward"})
+  assert profile._module_name(events, {"fusion.1": "convolution, forward"}) == "jit_other"
