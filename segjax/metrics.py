@@ -5,14 +5,19 @@ turned into per-class IoU (Jaccard), Dice (F1), mean IoU and pixel accuracy at t
 Accumulating counts rather than averaging per-batch scores gives the split-level metric exactly, whatever the batch
 size.
 
-Object scores are pure NumPy/SciPy functions of one image's prediction and ground truth; the caller averages them over
-images, as the challenges that define them do:
+Object scores are pure NumPy/SciPy functions of images' predictions and ground truths:
 
-* ISBI 2012 (EM membranes): ``pixel_error`` and ``rand_error``, both via ``isbi_scores``.
-* Data Science Bowl 2018 (nuclei): ``label_instances`` and ``instance_average_precision``.
+* ISBI 2012 (EM membranes): the challenge pools counts over all slices before forming one F-score per threshold and
+  ranks by the best threshold. ``isbi_slice_counts`` gives one slice's counts (to be summed over slices and
+  processes), ``isbi_errors_from_counts`` the pixel and Rand errors from the sums, ``isbi_challenge_errors`` both on a
+  stack; ``pixel_f1_counts``, ``rand_f_counts`` and ``rand_error`` are their per-image pieces.
+* Instance segmentation, per image (the caller averages over images): ``label_instances``,
+  ``instance_average_precision`` (Data Science Bowl 2018), ``aggregated_jaccard_index``, ``panoptic_quality``,
+  ``f1_at_iou``, and ``instance_scores`` for all of them from one contingency table.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,90 +91,251 @@ def _nanmean(values: np.ndarray) -> float:
   return float(values.mean()) if values.size else float("nan")
 
 
-def pixel_error(prediction: np.ndarray, label: np.ndarray, mask: np.ndarray | None = None) -> float:
-  """Fraction of pixels where two binary maps differ: 1 - pixel accuracy.
+ISBI_CHALLENGE_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+"""Thresholds of the ISBI 2012 scoring, on the cell-interior probability: 0.0, 0.1, ..., 1.0 (the organisers' Fiji
+calls ``getPixelErrorMaximalFScore(0.0, 1.0, 0.1)`` and ``getForegroundRestrictedRandIndexMaximalFScore(0.0, 1.0,
+0.1)``)."""
 
-  This is the ISBI 2012 challenge's pixel error for a binary proposal (Arganda-Carreras et al. 2015, Front.
-  Neuroanat. 9:142; Fiji ``trainableSegmentation.metrics.PixelError``: the mean squared difference of the binarised
-  maps). Non-zero values count as True.
+ISBI_COUNT_NAMES: tuple[str, ...] = ("pixel_tp", "pixel_fp", "pixel_fn", "rand_tp", "rand_fp", "rand_fn")
+"""The per-threshold counts of :func:`isbi_slice_counts`, keyed ``<name>/t<t>``."""
+
+
+def f_score(tp: float, fp: float, fn: float) -> float:
+  """F1 = 2 TP / (2 TP + FP + FN) of (pooled) counts; NaN where it is undefined (0 / 0: no positive on either side).
+
+  Summing the counts of several images before calling this gives the pooled score the ISBI 2012 challenge ranks by,
+  not the mean of per-image scores.
+  """
+  denominator = 2 * tp + fp + fn
+  return float(2 * tp / denominator) if denominator > 0 else float("nan")
+
+
+def pixel_f1_counts(interior_pred: np.ndarray, interior_true: np.ndarray) -> tuple[int, int, int]:
+  """Pixel TP, FP, FN of the cell-interior class of one image, the counts of the ISBI 2012 pixel error.
+
+  The challenge's pixel error is 1 - the F1 of the interior class with these counts summed over all slices
+  (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; Fiji ``trainableSegmentation.metrics.PixelError``).
 
   Args:
-    prediction: (H, W) binary map, e.g. predicted cell interior.
-    label: (H, W) binary map of the same meaning.
-    mask: optional (H, W) map; only pixels where it is non-zero are counted.
+    interior_pred: (H, W) binary map, non-zero = predicted cell interior.
+    interior_true: (H, W) binary map, non-zero = true cell interior.
 
   Returns:
-    The error in [0, 1]; NaN when the mask selects no pixel.
+    ``(tp, fp, fn)``: interior pixels predicted as interior, membrane pixels predicted as interior, interior pixels
+    predicted as membrane.
   """
-  prediction, label = _same_shape(prediction, label)
-  differ = prediction.astype(bool) != label.astype(bool)
-  if mask is not None:
-    differ = differ[np.broadcast_to(np.asarray(mask).astype(bool), differ.shape)]
-  return float(differ.mean()) if differ.size else float("nan")
+  pred, true = _same_shape(interior_pred, interior_true)
+  pred, true = pred.astype(bool), true.astype(bool)
+  return int(np.count_nonzero(pred & true)), int(np.count_nonzero(pred & ~true)), int(np.count_nonzero(~pred & true))
 
 
-def rand_error(pred_segments: np.ndarray, true_segments: np.ndarray) -> float:
-  """Foreground-restricted Rand error ``1 - V_rand`` of the ISBI 2012 challenge.
+def rand_f_counts(pred_segments: np.ndarray, true_segments: np.ndarray) -> tuple[int, int, int]:
+  """Pair counts TP, FP, FN of the foreground-restricted Rand F-score (V_rand) of the ISBI 2012 challenge, one image.
 
   Definition (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142, "Crowdsourcing the creation of image segmentation
-  algorithms for connectomics"; Fiji
-  ``trainableSegmentation.metrics.RandError.getForegroundRestrictedRandIndexStatsN2``, the challenge's script):
+  algorithms for connectomics"; Fiji ``trainableSegmentation.metrics.RandError``, ``foregroundRestrictedStatsN2``, the
+  challenge's script):
 
-  * Only the n pixels inside a ground-truth segment (``true_segments != 0``) count; ground-truth boundary is pruned.
-  * ``p_ij`` is the fraction of those pixels in ground-truth segment i and predicted segment j != 0. A predicted
-    boundary pixel (``pred_segments == 0``) inside ground-truth foreground is a singleton segment of its own: it adds
-    ``1/n**2`` to ``sum p_ij**2`` and to ``sum s_j**2``, so thick predicted membranes cost a little (as splits) and
-    never merge anything.
-  * ``t_i = sum_j p_ij`` (ground truth, including the singletons), ``s_j = sum_i p_ij`` (prediction).
-  * ``V_rand = sum_ij p_ij**2 / (0.5 sum_j s_j**2 + 0.5 sum_i t_i**2)``: the harmonic mean (F-score, alpha = 0.5) of
-    the Rand merge score ``sum p**2 / sum s**2`` (precision) and the Rand split score ``sum p**2 / sum t**2`` (recall).
+  * Only pixels inside a ground-truth segment (``true_segments != 0``) count; ground-truth boundary is pruned.
+  * ``n_ij`` is the number of those pixels in ground-truth segment i and predicted segment j != 0. Each of the ``N0``
+    predicted boundary pixels (``pred_segments == 0``) inside ground-truth foreground is a singleton segment of its
+    own, so thick predicted membranes cost a little (as splits) and never merge anything.
+  * ``a_i = sum_j n_ij + (pixels of i predicted as boundary)``, ``b_j = sum_i n_ij``.
+  * Counting ordered pixel pairs (self-pairs included): ``TP = sum_ij n_ij**2 + N0`` (same segment in both),
+    ``FP = sum_j b_j**2 + N0 - TP`` (merged by the prediction), ``FN = sum_i a_i**2 - TP`` (split by it). These are
+    Fiji's normalised values times n**2, so that they can be summed over slices.
 
-  The challenge took the best score over binarisation thresholds of a probability map; for a binary prediction there
-  is one threshold. The revised leaderboard's ``V_rand (thinned)`` additionally thins both boundary maps to one pixel
-  first (skeletonisation), which this function does not do.
+  Then ``V_rand = 2 TP / (2 TP + FP + FN)`` (:func:`f_score`): the harmonic mean of the Rand merge score
+  ``TP / (TP + FP)`` (precision) and the Rand split score ``TP / (TP + FN)`` (recall).
 
   Args:
     pred_segments: (H, W) integer segment ids, 0 = boundary. Any ids; only equality matters.
     true_segments: (H, W) integer segment ids of the ground truth, 0 = boundary.
 
   Returns:
-    The error in [0, 1]: 0 for a prediction that matches the ground-truth segments; NaN when the ground truth has no
-    foreground pixel.
+    ``(tp, fp, fn)``; all 0 when the ground truth has no foreground pixel.
   """
   pred_segments, true_segments = _same_shape(pred_segments, true_segments)
   inside = true_segments != 0
   true = true_segments[inside]
   pred = pred_segments[inside]
-  if true.size == 0:
-    return float("nan")
-  singletons = np.count_nonzero(pred == 0)  # each is its own segment: adds 1 to every sum of squared counts
+  singletons = int(np.count_nonzero(pred == 0))  # each is its own segment: adds 1 to every sum of squared counts
   segmented = pred != 0
   sum_true = _sum_squared_counts(true)
   sum_pred = _sum_squared_counts(pred[segmented]) + singletons
-  sum_joint = _sum_squared_counts(_pair_ids(true[segmented], pred[segmented])) + singletons
-  return float(1.0 - sum_joint / (0.5 * sum_pred + 0.5 * sum_true))
+  tp = _sum_squared_counts(_pair_ids(true[segmented], pred[segmented])) + singletons
+  return tp, sum_pred - tp, sum_true - tp
 
 
-def isbi_scores(pred_foreground: np.ndarray, true_foreground: np.ndarray) -> dict[str, float]:
-  """ISBI 2012 pixel and Rand errors of a binary cell-interior prediction.
+def rand_error(pred_segments: np.ndarray, true_segments: np.ndarray) -> float:
+  """Foreground-restricted Rand error ``1 - V_rand`` of one image, from :func:`rand_f_counts`.
 
-  Segments are the 4-connected components of the foreground, as in the challenge's Fiji script: a one-pixel membrane
-  drawn as an 8-connected curve separates the cells on either side only under 4-connectivity (with 8-connectivity
-  they would leak into each other through the curve's diagonal steps).
+  The ISBI 2012 challenge pools the counts over slices and takes the best threshold (:func:`isbi_challenge_errors`);
+  this is the score of one segmentation.
 
   Args:
-    pred_foreground: (H, W) bool, True for predicted cell interior (non-membrane). In segjax class 1 is membrane, so
-      pass ``prediction != 1``.
-    true_foreground: (H, W) bool, True for ground-truth cell interior.
+    pred_segments: (H, W) integer segment ids, 0 = boundary.
+    true_segments: (H, W) integer segment ids of the ground truth, 0 = boundary.
 
   Returns:
-    ``{'pixel_error', 'rand_error'}``, see :func:`pixel_error` and :func:`rand_error`.
+    The error in [0, 1]: 0 for a prediction that matches the ground-truth segments; NaN when the ground truth has no
+    foreground pixel.
   """
-  pred_foreground, true_foreground = _same_shape(pred_foreground, true_foreground)
-  return {
-    "pixel_error": pixel_error(pred_foreground, true_foreground),
-    "rand_error": rand_error(label_instances(pred_foreground), label_instances(true_foreground)),
-  }
+  return 1.0 - f_score(*rand_f_counts(pred_segments, true_segments))
+
+
+def isbi_slice_counts(
+  membrane_probability: np.ndarray,
+  membrane_label: np.ndarray,
+  *,
+  thresholds: Sequence[float] = ISBI_CHALLENGE_THRESHOLDS,
+) -> dict[str, int]:
+  """Pixel and Rand counts of one slice at each threshold, to be summed (or averaged) over slices.
+
+  At threshold t the predicted cell interior is ``1 - membrane_probability > t``: Fiji's ``proposal > t`` on the
+  cell-interior probability map the challenge asked for, i.e. membrane where ``membrane_probability >= 1 - t``.
+  Segments are the 4-connected components of the interiors, as in the challenge's script: a one-pixel membrane drawn
+  as an 8-connected curve separates the cells on either side only under 4-connectivity. The ground truth does not
+  depend on t (Fiji's ``label > t`` on the 0/255 label files).
+
+  Args:
+    membrane_probability: (H, W) membrane probability in [0, 1]; a 0/1 map scores a binary prediction.
+    membrane_label: (H, W) binary ground truth, 1 (or True) = membrane, 0 = cell interior.
+    thresholds: interior-probability thresholds in [0, 1].
+
+  Returns:
+    ``{'<name>/t<t>': count}`` for each name of ``ISBI_COUNT_NAMES`` and each t, see :func:`pixel_f1_counts` and
+    :func:`rand_f_counts`. :func:`isbi_errors_from_counts` turns their sums into the errors.
+  """
+  probability, label = _isbi_inputs(membrane_probability, membrane_label)
+  if probability.ndim != 2:
+    raise ValueError(f"isbi_slice_counts takes one (H, W) slice, got shape {probability.shape}.")
+  thresholds = _isbi_thresholds(thresholds)
+  interior_true = label == 0
+  true_segments = label_instances(interior_true)
+  interior_probability = 1.0 - probability
+  counts, previous, values = {}, None, ()
+  for t in thresholds:
+    interior_pred = interior_probability > t
+    if previous is None or not np.array_equal(interior_pred, previous):  # a 0/1 map is the same at every t < 1
+      pixel = pixel_f1_counts(interior_pred, interior_true)
+      values = (*pixel, *rand_f_counts(label_instances(interior_pred), true_segments))
+    previous = interior_pred
+    for name, value in zip(ISBI_COUNT_NAMES, values, strict=True):
+      counts[f"{name}/t{t}"] = value
+  return counts
+
+
+def is_isbi_count_key(key: str) -> bool:
+  """Whether ``key`` is one of the per-threshold counts of :func:`isbi_slice_counts` (``'rand_tp/t0.3'``)."""
+  name, sep, threshold = key.partition("/t")
+  return bool(sep) and name in ISBI_COUNT_NAMES and _is_number(threshold)
+
+
+def isbi_errors_from_counts(counts: dict[str, float]) -> dict[str, float]:
+  """ISBI 2012 errors from counts pooled over slices: per threshold and the best over thresholds.
+
+  The challenge ranks by 1 - the maximal F-score over thresholds, each F formed from counts pooled over all slices
+  (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; Fiji ``PixelError.getPixelErrorMaximalFScore`` and
+  ``RandError.getForegroundRestrictedRandIndexMaximalFScore``). Counts averaged over slices give the same F as their
+  sums (the F-score is invariant to scaling all counts). A threshold where F is undefined (0 / 0) is skipped, as
+  Fiji's NaN; ties go to the lowest threshold, as Fiji's strict ``>`` over increasing thresholds.
+
+  Args:
+    counts: ``{'<name>/t<t>': value}`` with every name of ``ISBI_COUNT_NAMES`` for each threshold t, e.g. the sum
+      over slices of :func:`isbi_slice_counts`. Other keys are ignored.
+
+  Returns:
+    ``pixel_error/t<t>`` and ``rand_error/t<t>`` for each t, and ``pixel_error``, ``rand_error`` (the smallest of
+    each) with ``pixel_error_threshold``, ``rand_error_threshold``: the interior-probability threshold t that gave it
+    (interior where ``1 - membrane_probability > t``); NaN where no threshold is defined.
+  """
+  thresholds = sorted({float(k.partition("/t")[2]) for k in counts if is_isbi_count_key(k)})
+  out: dict[str, float] = {}
+  for metric in ("pixel", "rand"):
+    errors = {}
+    for t in thresholds:
+      tp, fp, fn = (counts[f"{metric}_{c}/t{t}"] for c in ("tp", "fp", "fn"))
+      errors[t] = out[f"{metric}_error/t{t}"] = 1.0 - f_score(tp, fp, fn)
+    defined = {t: e for t, e in errors.items() if not np.isnan(e)}
+    best = min(defined, key=defined.get) if defined else float("nan")
+    out[f"{metric}_error"] = defined[best] if defined else float("nan")
+    out[f"{metric}_error_threshold"] = best
+  return out
+
+
+def isbi_challenge_errors(
+  membrane_probability: np.ndarray,
+  membrane_label: np.ndarray,
+  *,
+  thresholds: Sequence[float] = ISBI_CHALLENGE_THRESHOLDS,
+) -> dict[str, float]:
+  """The ISBI 2012 challenge's pixel error and foreground-restricted Rand error of a stack of slices.
+
+  As the challenge ranked submissions (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; the organisers' Fiji
+  script, ``trainableSegmentation.metrics``): the cell-interior probability ``1 - membrane_probability`` is binarised
+  at each threshold t (interior where ``> t``); at each t the pixel F1 of the interior class and the Rand F-score
+  (V_rand) are formed from TP, FP, FN summed over all slices; each error is 1 - the best F over t.
+
+  Args:
+    membrane_probability: (N, H, W) or (H, W) membrane probability in [0, 1]; a 0/1 map scores a binary prediction.
+    membrane_label: the same shape, binary: 1 (or True) = membrane, 0 = cell interior (segjax's ``isbi2012`` classes;
+      the challenge's label files hold 0 = membrane, 255 = interior).
+    thresholds: interior-probability thresholds in [0, 1]; default 0.0, 0.1, ..., 1.0 as the challenge.
+
+  Returns:
+    ``pixel_error``, ``rand_error``, ``pixel_error_threshold``, ``rand_error_threshold`` (the threshold t on the
+    interior probability that gave the best score: membrane where ``membrane_probability >= 1 - t``) and
+    ``pixel_error/t<t>``, ``rand_error/t<t>`` for each t; see :func:`isbi_errors_from_counts`.
+
+  Raises:
+    ValueError: for shapes that differ or are not 2-D/3-D, an empty stack, labels other than 0/1, probabilities
+      outside [0, 1] or thresholds outside [0, 1].
+
+  Example:
+    >>> label = np.array([[0, 0, 1, 0, 0]])  # two cells split by a membrane pixel
+    >>> errors = isbi_challenge_errors(np.array([[0.05, 0.05, 0.25, 0.05, 0.05]]), label)
+    >>> errors['rand_error/t0.5'], errors['rand_error'], errors['rand_error_threshold']
+    (0.33333333333333337, 0.0, 0.8)
+  """
+  probability, label = _isbi_inputs(membrane_probability, membrane_label)
+  if probability.ndim == 2:
+    probability, label = probability[None], label[None]
+  if probability.ndim != 3 or len(probability) == 0:
+    raise ValueError(f"expected (N, H, W) or (H, W) slices with N >= 1, got shape {probability.shape}.")
+  totals: dict[str, int] = {}
+  for slice_probability, slice_label in zip(probability, label, strict=True):
+    for key, value in isbi_slice_counts(slice_probability, slice_label, thresholds=thresholds).items():
+      totals[key] = totals.get(key, 0) + value
+  return isbi_errors_from_counts(totals)
+
+
+def _isbi_inputs(membrane_probability: np.ndarray, membrane_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Checked float64 probabilities and 0/1 labels of the same shape."""
+  probability, label = np.asarray(membrane_probability), np.asarray(membrane_label)
+  if probability.shape != label.shape:
+    raise ValueError(f"membrane probability shape {probability.shape} differs from label shape {label.shape}.")
+  probability = probability.astype(np.float64)
+  if not np.all((probability >= 0) & (probability <= 1)):  # also rejects NaN
+    raise ValueError("membrane probabilities must lie in [0, 1] (pass class 1's probability, not logits).")
+  if not np.all((label == 0) | (label == 1)):
+    raise ValueError(f"membrane labels must be 0/1 (1 = membrane), got values {np.unique(label)[:5].tolist()}.")
+  return probability, label.astype(np.uint8)
+
+
+def _isbi_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+  values = tuple(float(t) for t in thresholds)
+  if not values or any(not 0.0 <= t <= 1.0 for t in values):
+    raise ValueError(f"ISBI thresholds must be a non-empty sequence in [0, 1], got {list(values)}.")
+  return values
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+  except ValueError:
+    return False
+  return True
 
 
 def label_instances(foreground: np.ndarray, *, min_size: int = 0, connectivity: int = 1) -> np.ndarray:
@@ -219,22 +385,7 @@ def instance_precisions(
     float64 array of one precision per threshold. An image with neither true nor predicted objects scores 1.0 (a
     perfect empty prediction); one with objects on only one side scores 0.0.
   """
-  thresholds = np.asarray(thresholds, np.float64)
-  if thresholds.ndim != 1 or np.any(thresholds < 0.5) or np.any(thresholds >= 1.0):
-    raise ValueError(f"IoU thresholds must lie in [0.5, 1) so that matches are unique, got {thresholds.tolist()}.")
-  pred_instances, true_instances = _same_shape(pred_instances, true_instances)
-  true_ids, num_true = _consecutive_ids(true_instances)
-  pred_ids, num_pred = _consecutive_ids(pred_instances)
-  if num_true == 0 and num_pred == 0:
-    return np.ones(len(thresholds))
-  table = np.bincount(
-    (true_ids * (num_pred + 1) + pred_ids).ravel(), minlength=(num_true + 1) * (num_pred + 1)
-  ).reshape(num_true + 1, num_pred + 1)
-  intersection = table[1:, 1:]
-  union = table[1:].sum(1)[:, None] + table[:, 1:].sum(0)[None, :] - intersection
-  iou = intersection / np.maximum(union, 1)
-  true_positives = np.count_nonzero(iou[None] > thresholds[:, None, None], axis=(1, 2))
-  return true_positives / (num_true + num_pred - true_positives)
+  return _precisions(_InstanceOverlaps.of(pred_instances, true_instances), thresholds)
 
 
 def instance_average_precision(
@@ -242,6 +393,161 @@ def instance_average_precision(
 ) -> float:
   """Mean over IoU thresholds of :func:`instance_precisions`: the Data Science Bowl 2018 score of one image."""
   return float(np.mean(instance_precisions(pred_instances, true_instances, thresholds)))
+
+
+def aggregated_jaccard_index(pred_instances: np.ndarray, true_instances: np.ndarray) -> float:
+  """Aggregated Jaccard Index (AJI) of one image (Kumar et al. 2017, IEEE TMI 36:1550, Algorithm 1).
+
+  Each ground-truth object G_i is paired with the predicted object S_j of largest IoU with it (the lowest id on
+  ties); ``C += |G_i & S_j|`` and ``U += |G_i | S_j|``. Every predicted object never chosen adds its area to U, and
+  AJI = C / U. Unlike a mean IoU, split and spurious objects enlarge U: a true object halved into two predictions
+  scores 1/3, not 1/2. As in Algorithm 1, a prediction chosen by several true objects counts in each of their unions.
+
+  Conventions: a true object that overlaps no prediction chooses none (C += 0, U += |G_i|) rather than an arbitrary
+  non-overlapping one; an image with no object on either side scores 1.0 (a perfect empty prediction, as
+  :func:`instance_precisions`); objects on only one side score 0.0.
+
+  Args:
+    pred_instances: (H, W) integer instance ids, 0 = background. Any ids; only equality matters.
+    true_instances: (H, W) integer instance ids of the ground truth, 0 = background.
+
+  Returns:
+    AJI in [0, 1].
+  """
+  return _aji(_InstanceOverlaps.of(pred_instances, true_instances))
+
+
+def panoptic_quality(
+  pred_instances: np.ndarray, true_instances: np.ndarray, *, iou_threshold: float = 0.5
+) -> dict[str, float]:
+  """Panoptic quality PQ = SQ x RQ of one image's objects of one class (Kirillov et al. 2019, CVPR, Eq. 1-2).
+
+  Objects match when their IoU > ``iou_threshold`` (unique for thresholds >= 0.5). SQ (segmentation quality) is the
+  mean IoU of the TP matches; RQ (recognition quality) is ``TP / (TP + FP / 2 + FN / 2)``, the object F1 of
+  :func:`f1_at_iou`.
+
+  Conventions: no object on either side gives ``pq = sq = rq = 1.0`` (a perfect empty prediction); objects without a
+  match give ``rq = pq = 0.0`` and ``sq = 0.0`` (the mean over no match, taken as 0 as the COCO panoptic API does, so
+  that PQ = SQ x RQ).
+
+  Args:
+    pred_instances: (H, W) integer instance ids, 0 = background. Any ids; only equality matters.
+    true_instances: (H, W) integer instance ids of the ground truth, 0 = background.
+    iou_threshold: IoU a match must exceed, in [0.5, 1).
+
+  Returns:
+    ``{'pq', 'sq', 'rq'}``.
+  """
+  return _panoptic(_InstanceOverlaps.of(pred_instances, true_instances), iou_threshold)
+
+
+def f1_at_iou(pred_instances: np.ndarray, true_instances: np.ndarray, *, iou_threshold: float = 0.5) -> float:
+  """Object F1 = 2 TP / (2 TP + FP + FN) of one image, objects matching when their IoU > ``iou_threshold``.
+
+  The matching is unique for thresholds >= 0.5 (as :func:`instance_precisions`). No object on either side scores 1.0;
+  objects on only one side score 0.0. It equals the RQ of :func:`panoptic_quality` (Kirillov et al. 2019, Eq. 2).
+
+  Args:
+    pred_instances: (H, W) integer instance ids, 0 = background. Any ids; only equality matters.
+    true_instances: (H, W) integer instance ids of the ground truth, 0 = background.
+    iou_threshold: IoU a match must exceed, in [0.5, 1).
+
+  Returns:
+    The F1 in [0, 1].
+  """
+  return _panoptic(_InstanceOverlaps.of(pred_instances, true_instances), iou_threshold)["rq"]
+
+
+def instance_scores(pred_instances: np.ndarray, true_instances: np.ndarray) -> dict[str, float]:
+  """All instance scores of one image from one contingency table: DSB 2018 AP, AJI, PQ/SQ/RQ and F1 at IoU 0.5.
+
+  Args:
+    pred_instances: (H, W) integer instance ids, 0 = background.
+    true_instances: (H, W) integer instance ids of the ground truth, 0 = background.
+
+  Returns:
+    ``{'instance_ap', 'aji', 'pq', 'sq', 'rq', 'f1'}``, see :func:`instance_average_precision`,
+    :func:`aggregated_jaccard_index`, :func:`panoptic_quality` and :func:`f1_at_iou`.
+  """
+  overlaps = _InstanceOverlaps.of(pred_instances, true_instances)
+  panoptic = _panoptic(overlaps, 0.5)
+  return {
+    "instance_ap": float(np.mean(_precisions(overlaps, DSB2018_IOU_THRESHOLDS))),
+    "aji": _aji(overlaps),
+    **panoptic,
+    "f1": panoptic["rq"],
+  }
+
+
+class _InstanceOverlaps(NamedTuple):
+  """Pixel counts of every (true, predicted) object pair, from one contingency table of an image."""
+
+  intersection: np.ndarray  # (T, P) pixels in true object i and predicted object j
+  true_area: np.ndarray  # (T,)
+  pred_area: np.ndarray  # (P,)
+
+  @classmethod
+  def of(cls, pred_instances: np.ndarray, true_instances: np.ndarray) -> "_InstanceOverlaps":
+    pred_instances, true_instances = _same_shape(pred_instances, true_instances)
+    true_ids, num_true = _consecutive_ids(true_instances)
+    pred_ids, num_pred = _consecutive_ids(pred_instances)
+    table = np.bincount(
+      (true_ids * (num_pred + 1) + pred_ids).ravel(), minlength=(num_true + 1) * (num_pred + 1)
+    ).reshape(num_true + 1, num_pred + 1)
+    return cls(table[1:, 1:], table[1:].sum(1), table[:, 1:].sum(0))
+
+  @property
+  def union(self) -> np.ndarray:
+    return self.true_area[:, None] + self.pred_area[None, :] - self.intersection
+
+  @property
+  def iou(self) -> np.ndarray:
+    return self.intersection / np.maximum(self.union, 1)
+
+
+def _precisions(overlaps: _InstanceOverlaps, thresholds: Sequence[float]) -> np.ndarray:
+  thresholds = np.asarray(thresholds, np.float64)
+  if thresholds.ndim != 1 or np.any(thresholds < 0.5) or np.any(thresholds >= 1.0):
+    raise ValueError(f"IoU thresholds must lie in [0.5, 1) so that matches are unique, got {thresholds.tolist()}.")
+  num_true, num_pred = overlaps.intersection.shape
+  if num_true == 0 and num_pred == 0:
+    return np.ones(len(thresholds))
+  true_positives = np.count_nonzero(overlaps.iou[None] > thresholds[:, None, None], axis=(1, 2))
+  return true_positives / (num_true + num_pred - true_positives)
+
+
+def _aji(overlaps: _InstanceOverlaps) -> float:
+  num_true, num_pred = overlaps.intersection.shape
+  if num_true == 0 and num_pred == 0:
+    return 1.0
+  if num_pred == 0:
+    return 0.0
+  rows = np.arange(num_true)
+  best = np.argmax(overlaps.iou, axis=1)  # first maximum: the lowest id on ties
+  overlapping = overlaps.intersection[rows, best] > 0
+  chosen = np.zeros(num_pred, bool)
+  chosen[best[overlapping]] = True
+  intersection = overlaps.intersection[rows, best][overlapping].sum()
+  union = (
+    overlaps.union[rows, best][overlapping].sum()
+    + overlaps.true_area[~overlapping].sum()
+    + overlaps.pred_area[~chosen].sum()
+  )
+  return float(intersection / union)
+
+
+def _panoptic(overlaps: _InstanceOverlaps, iou_threshold: float) -> dict[str, float]:
+  if not 0.5 <= iou_threshold < 1.0:
+    raise ValueError(f"iou_threshold must lie in [0.5, 1) so that matches are unique, got {iou_threshold}.")
+  num_true, num_pred = overlaps.intersection.shape
+  if num_true == 0 and num_pred == 0:
+    return {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+  iou = overlaps.iou
+  matched = iou[iou > iou_threshold]
+  tp = matched.size
+  sq = float(matched.mean()) if tp else 0.0
+  rq = f_score(tp, num_pred - tp, num_true - tp)
+  return {"pq": sq * rq, "sq": sq, "rq": rq}
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +570,7 @@ def _pair_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return a_index.astype(np.int64) * len(b_values) + b_index
 
 
-def _sum_squared_counts(ids: np.ndarray) -> float:
-  """Sum over distinct ids of (number of occurrences)**2: a sum of squared contingency-table entries."""
+def _sum_squared_counts(ids: np.ndarray) -> int:
+  """Sum over distinct ids of (number of occurrences)**2: a sum of squared contingency-table entries (exact)."""
   _, counts = np.unique(ids, return_counts=True)
-  return float(np.sum(counts.astype(np.float64) ** 2))
+  return int(np.sum(counts.astype(np.int64) ** 2))
