@@ -8,11 +8,13 @@
 
 --input is an image file, a folder or a glob pattern (PNG, TIFF, JPEG; grayscale or RGB; 8 or 16 bit). Per image it
 writes, as asked by --outputs: ``<stem>_mask.png`` (pixel value = class id), ``<stem>_overlay.png`` (colours over
-the image), ``<stem>_instances.png`` (16-bit connected-component ids of the foreground, small ones removed) and
+the image), ``<stem>_instances.png`` (16-bit instance ids by the run's ``config.instances``: the marker-controlled
+watershed of instance targets, or connected components of the foreground; small ones removed) and
 ``<stem>_probabilities.npy`` ((H, W, classes) float32). An image that cannot be predicted is reported with its name
 and the others are still done; the exit status is then 2.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -39,7 +41,9 @@ _TILE_BATCH = flags.DEFINE_integer("tile_batch", 4, "Tiles per model call (bound
 _OUTPUT_KINDS = flags.DEFINE_list(
   "outputs", ["labels", "overlay"], f"What to write, any of: {', '.join(OUTPUT_KINDS)}."
 )
-_MIN_SIZE = flags.DEFINE_integer("min_instance_size", 10, "Instances: drop components with fewer pixels.")
+_MIN_SIZE = flags.DEFINE_integer(
+  "min_instance_size", None, "Instances: drop those with fewer pixels (default: the run's instances.min_size)."
+)
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -58,6 +62,9 @@ def main(argv: list[str]) -> None:
   )
   files = list_images(_INPUT.value)
   predictor = load_predictor(_WORKDIR.value, _STEP.value)
+  instances = predictor.instances
+  if _MIN_SIZE.value is not None:
+    instances = dataclasses.replace(instances, min_size=_MIN_SIZE.value)
   logging.info("predicting %d images with step %d of %s", len(files), predictor.step, _WORKDIR.value)
   failures = []
   for path in tqdm(files, desc="predict", unit="image", disable=len(files) == 1):
@@ -66,7 +73,7 @@ def main(argv: list[str]) -> None:
       predictor.check_image(image, path)
       probabilities = predictor.predict(image, tiling)
       stem = os.path.splitext(os.path.basename(path))[0]
-      save_outputs(_OUTPUT.value, stem, image, probabilities, _OUTPUT_KINDS.value, min_instance_size=_MIN_SIZE.value)
+      save_outputs(_OUTPUT.value, stem, image, probabilities, _OUTPUT_KINDS.value, instances=instances)
       tqdm.write(os.path.join(_OUTPUT.value, stem))
     except SegjaxError as e:
       failures.append(str(e))

@@ -16,10 +16,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segjax import checkpoint, viz
+from segjax.data.instance_targets import InstanceSettings
 from segjax.data.pipeline import normalize_image, pad_image_for_model
 from segjax.errors import SegjaxError
 from segjax.losses import model_outputs
-from segjax.metrics import label_instances
 from segjax.models import create_model
 from segjax.models.geometry import Geometry, eval_geometry
 from segjax.tiling import Tiling, gaussian_weights, overlap_tile_plan, predict_tiled, predict_tiles, sliding_window_plan
@@ -115,10 +115,20 @@ class Predictor:
     """Image (H, W, C) -> label map (H, W) of class ids, uint8: the argmax of the (blended) probabilities."""
     return np.argmax(self.predict(image, tiling), -1).astype(np.uint8)
 
-  def predict_instances(self, image: np.ndarray, tiling: Tiling | None = None, *, min_size: int = 10) -> np.ndarray:
-    """Image (H, W, C) -> instance ids (H, W), int32: connected components of the predicted foreground (every
-    class but 0), without those smaller than ``min_size`` pixels."""
-    return label_instances(self.predict_labels(image, tiling) > 0, min_size=min_size)
+  @property
+  def instances(self) -> InstanceSettings:
+    """How the run turns probabilities into instances (its ``config.instances``; runs saved before it existed:
+    connected components)."""
+    return InstanceSettings.from_config(self.config.get("instances"))
+
+  def predict_instances(
+    self, image: np.ndarray, tiling: Tiling | None = None, *, min_size: int | None = None
+  ) -> np.ndarray:
+    """Image (H, W, C) -> instance ids (H, W), int32, by the run's ``config.instances`` (marker-controlled
+    watershed of instance targets, or connected components of the predicted foreground), without instances smaller
+    than ``min_size`` pixels (default the run's ``instances.min_size``)."""
+    settings = self.instances if min_size is None else dataclasses.replace(self.instances, min_size=min_size)
+    return settings.to_instances(self.predict(image, tiling))
 
   def check_image(self, image: np.ndarray, path: str) -> None:
     """Refuses an image the model cannot take; the SegjaxError names the file."""
@@ -130,13 +140,20 @@ OUTPUT_KINDS = ("labels", "overlay", "instances", "probabilities")
 
 
 def save_outputs(
-  directory: str, stem: str, image: np.ndarray, probabilities: np.ndarray, kinds: Sequence[str], *, min_instance_size=10
+  directory: str,
+  stem: str,
+  image: np.ndarray,
+  probabilities: np.ndarray,
+  kinds: Sequence[str],
+  *,
+  instances: InstanceSettings | None = None,
 ) -> None:
   """Writes the asked ``kinds`` of outputs of one image into ``directory``.
 
   ``labels``: ``<stem>_mask.png`` (pixel value = class id); ``overlay``: ``<stem>_overlay.png``; ``instances``:
-  ``<stem>_instances.png``, 16-bit ids of the connected components of the foreground with at least
-  ``min_instance_size`` pixels; ``probabilities``: ``<stem>_probabilities.npy``, (H, W, classes) float32.
+  ``<stem>_instances.png``, 16-bit instance ids by ``instances`` (:meth:`InstanceSettings.to_instances`; default
+  connected components of the foreground of at least 10 pixels); ``probabilities``: ``<stem>_probabilities.npy``,
+  (H, W, classes) float32.
 
   Raises:
     SegjaxError: naming the folder when it cannot be written, or when the instances do not fit 16 bits.
@@ -151,10 +168,10 @@ def save_outputs(
     if "overlay" in kinds:
       Image.fromarray(viz.overlay(image, labels)).save(os.path.join(directory, f"{stem}_overlay.png"))
     if "instances" in kinds:
-      instances = label_instances(labels > 0, min_size=min_instance_size)
-      if instances.max() > np.iinfo(np.uint16).max:
-        raise SegjaxError(f"'{stem}' has {instances.max()} instances, more than a 16-bit PNG holds.")
-      Image.fromarray(instances.astype(np.uint16)).save(os.path.join(directory, f"{stem}_instances.png"))
+      ids = (instances or InstanceSettings()).to_instances(probabilities)
+      if ids.max() > np.iinfo(np.uint16).max:
+        raise SegjaxError(f"'{stem}' has {ids.max()} instances, more than a 16-bit PNG holds.")
+      Image.fromarray(ids.astype(np.uint16)).save(os.path.join(directory, f"{stem}_instances.png"))
     if "probabilities" in kinds:
       np.save(os.path.join(directory, f"{stem}_probabilities.npy"), probabilities.astype(np.float32))
   except OSError as e:

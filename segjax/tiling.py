@@ -210,6 +210,12 @@ def predict_tiles(
   return total / len(TTA_TRANSFORMS[tta])
 
 
+def tta_log_probabilities(state: TrainState, images: jax.Array, *, tta: str) -> jax.Array:
+  """Log of the probabilities averaged over the test-time augmentations ``tta``: logits whose softmax is that
+  average, for the eval step (:func:`segjax.train.step.make_eval_step`'s ``predict``)."""
+  return jnp.log(jnp.maximum(predict_tiles(state, images, tta=tta), jnp.finfo(jnp.float32).tiny))
+
+
 @functools.partial(
   jax.jit, static_argnames=("tile_in", "used", "canvas_shape", "batch", "tta", "output", "devices", "num_outputs")
 )

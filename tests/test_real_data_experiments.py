@@ -48,11 +48,17 @@ def test_isbi2012_unet_trains_and_reports_the_challenge_errors(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   validation = _summary(workdir)["validation"]
   assert 0.0 <= validation["pixel_error"] <= 1.0 and 0.0 <= validation["rand_error"] <= 1.0
-  # at threshold 0.5 (the argmax) the pixel error of whole 512x512 slices is 1 - the confusion matrix's accuracy
-  assert validation["pixel_error/t0.5"] == pytest.approx(1.0 - validation["pixel_accuracy"], abs=1e-6)
-  # the reported scores are the best over the membrane-probability thresholds, as in the challenge
-  assert validation["pixel_error"] == min(validation[f"pixel_error/t{t / 10}"] for t in range(1, 10))
-  assert validation["rand_error"] == min(validation[f"rand_error/t{t / 10}"] for t in range(1, 10))
+  # at threshold 0.5 (the argmax) the pixel error of whole 512x512 slices is 1 - the pooled F1 of the interior class,
+  # class 0, which the split's confusion matrix also gives
+  assert validation["pixel_error/t0.5"] == pytest.approx(1.0 - validation["dice/0"], abs=1e-6)
+  # the reported scores are the best over the interior-probability thresholds 0.0, 0.1, ..., 1.0, as in the challenge
+  for name in ("pixel_error", "rand_error"):
+    swept = [validation[f"{name}/t{t / 10}"] for t in range(11)]
+    assert (
+      validation[name] == np.nanmin(swept)
+      and validation[f"{name}/t{validation[f'{name}_threshold']}"] == validation[name]
+    )
+  assert not any("_tp/" in key for key in validation)  # the raw counts stay out of the summary
   assert "rand_error" in result.stdout
   assert os.listdir(os.path.join(workdir, "test_images")) == ["validation_0000.png"]
   # prediction mirrors the slice for the unpadded U-Net and returns a label map of the slice's own size
@@ -66,12 +72,12 @@ def test_isbi2012_unet_trains_and_reports_the_challenge_errors(tmp_path):
 
 
 @needs_dsb
-def test_dsb2018_unet_trains_on_mixed_sizes_with_the_weight_map_and_scores_instances(tmp_path):
+def test_dsb2018_unet_trains_contour_targets_on_mixed_sizes_and_scores_watershed_and_components(tmp_path):
   root, _ = _dsb_subset(tmp_path, count=12)
   workdir = str(tmp_path / "run")
   result = _run(
     "experiments.train",
-    "--config=experiments/configs/dsb2018_unet.py",
+    "--config=experiments/configs/dsb2018_unet.py:contour",
     f"--workdir={workdir}",
     f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
     f"--config.data.manual_dir={root}",
@@ -83,8 +89,23 @@ def test_dsb2018_unet_trains_on_mixed_sizes_with_the_weight_map_and_scores_insta
   assert result.returncode == 0, result.stderr[-3000:]
   summary = _summary(workdir)
   for split in ("validation", "test"):
-    assert 0.0 <= summary[split]["instance_ap"] <= 1.0
+    for name in ("instance_ap", "aji", "pq", "f1"):  # the watershed's scores and those of connected components
+      assert 0.0 <= summary[split][name] <= 1.0 and 0.0 <= summary[split][f"{name}/components"] <= 1.0
+    assert "iou/2" in summary[split]  # three target classes: background, interior, boundary
   assert "instance_ap" in result.stdout
+  output = str(tmp_path / "predicted")
+  predicted = _run(
+    "experiments.predict",
+    f"--workdir={workdir}",
+    f"--input={workdir}/test_images",
+    f"--output={output}",
+    "--outputs=labels,instances",
+  )
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  written = sorted(os.listdir(output))
+  assert any(name.endswith("_instances.png") for name in written), written
+  with Image.open(os.path.join(output, written[0])) as mask:  # a label map of the 3 target classes
+    assert np.asarray(mask).max() <= 2
   assert os.path.isdir(DSB)
 
 
@@ -125,3 +146,46 @@ def test_folder_unet_trains_from_flags_alone_and_refuses_to_resume_on_changed_da
   resumed = _run(*args, *SHRINK[1:], "--config.num_train_steps=4")
   assert resumed.returncode == 2
   assert "training split had 4 examples when the checkpoint was written and has 6 now" in resumed.stderr
+
+
+def _write_touching_folder(root, count, size=(48, 48)):
+  """Images of two touching squares with their instance maps (the case instance targets exist for)."""
+  rng = np.random.default_rng(2)
+  for kind in ("images", "masks", "instances"):
+    (root / kind).mkdir(parents=True, exist_ok=True)
+  for i in range(count):
+    instances = np.zeros(size, np.uint16)
+    y, x = rng.integers(4, 24), rng.integers(4, 14)
+    instances[y : y + 16, x : x + 14] = 1
+    instances[y : y + 16, x + 14 : x + 28] = 2  # shares an edge with object 1
+    image = ((instances > 0) * 150 + rng.integers(0, 60, size)).astype(np.uint8)
+    Image.fromarray(image).save(root / "images" / f"im{i}.png")
+    Image.fromarray((instances > 0).astype(np.uint8)).save(root / "masks" / f"im{i}.png")
+    Image.fromarray(instances).save(root / "instances" / f"im{i}.png")
+
+
+def test_folder_unet_learns_contour_targets_from_an_instance_dir_by_flags_alone(tmp_path):
+  root = tmp_path / "touching"
+  _write_touching_folder(root, 6)
+  workdir = str(tmp_path / "run")
+  result = _run(
+    "experiments.train",
+    "--config=experiments/configs/folder_unet.py",
+    f"--workdir={workdir}",
+    f"--config.data.image_dir={root / 'images'}",
+    f"--config.data.mask_dir={root / 'masks'}",
+    f"--config.data.instance_dir={root / 'instances'}",
+    f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+    "--config.data.validation_fraction=0.34",
+    "--config.data.crop_size=32",
+    "--config.model.kwargs.depth=2",
+    "--config.model.kwargs.base_width=4",
+    "--config.batch_size=2",
+    "--config.instances.targets=contour",
+    "--config.instances.method=watershed",
+    "--config.evaluators=('instances',)",
+    *SHRINK,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  validation = _summary(workdir)["validation"]
+  assert {"iou/0", "iou/1", "iou/2", "instance_ap", "aji", "pq", "f1", "instance_ap/components"} <= set(validation)

@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
       "weight_map": {"enabled": False, "w0": 10.0, "class_weights": "balanced"},
     }
   )
-  config.augment = ml_collections.ConfigDict({"ops": ["flip", "rot90", "scale_crop", "intensity"]})
+  config.augment = ml_collections.ConfigDict({"ops": ("flip", "rot90", "scale_crop", "intensity")})
   config.model.kwargs.depth = 4
   config.num_train_steps = 2000
   config.eval_every_steps = 500

@@ -43,7 +43,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.model.kwargs = ml_collections.ConfigDict({"depth": 4, "base_width": 16, "norm": "batch", "dropout_rate": 0.0})
   config.augment = ml_collections.ConfigDict(
     {
-      "ops": ["flip", "rot90", "elastic", "intensity"],
+      "ops": ("flip", "rot90", "elastic", "intensity"),
       "elastic": {"grid_size": 3, "sigma": 10.0},  # Sec. 3.1: 3x3 grid, 10 px standard deviation, bicubic
     }
   )

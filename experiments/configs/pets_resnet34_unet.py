@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   )
   config.model.name = "resnet34_unet"
   config.model.kwargs = ml_collections.ConfigDict()
-  config.augment = ml_collections.ConfigDict({"ops": ["flip", "scale_crop", "intensity"]})
+  config.augment = ml_collections.ConfigDict({"ops": ("flip", "scale_crop", "intensity")})
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 16
   config.eval_batch_size = 8

@@ -39,8 +39,25 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     {"depth": 3, "base_width": 16, "norm": "batch", "upsample": "transpose", "dropout_rate": 0.0}
   )
 
+  # Instance-aware targets and post-processing (segjax.data.instance_targets, segjax.instances): targets 'contour'
+  # (background / interior / boundary) or 'distance' (levels of the normalised distance to the boundary) are made
+  # from the data set's instance maps and learned as classes; method 'watershed' turns the predicted probabilities
+  # into instances (evaluator 'instances', experiments.predict --outputs=instances), 'components' labels the
+  # connected components of the foreground.
+  config.instances = ml_collections.ConfigDict(
+    {
+      "targets": config_dict.placeholder(str),
+      "boundary_width": 2,
+      "distance_bins": 4,
+      "method": "components",
+      "min_size": 10,
+      "marker_threshold": 0.5,
+      "foreground_threshold": 0.5,
+    }
+  )
+
   config.loss = "softmax_cross_entropy"
-  config.augment = ml_collections.ConfigDict({"ops": ["flip", "rot90"]})
+  config.augment = ml_collections.ConfigDict({"ops": ("flip", "rot90")})
   config.evaluators = ()  # per-image metrics on the host, e.g. ('isbi',) or ('instances',)
 
   config.optimizer = ml_collections.ConfigDict()
@@ -62,6 +79,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   config.batch_size = 8
   config.eval_batch_size = 16
+  # Test-time augmentation of every evaluation, averaged in probability: 'none', 'flips' or 'flips_rot90' (the
+  # 8 dihedral transforms, as the U-Net paper's ISBI submission).
+  config.eval_tta = "none"
   config.num_train_steps = 800
   config.log_every_steps = 25
   config.eval_every_steps = 200

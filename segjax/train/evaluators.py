@@ -5,66 +5,96 @@ one image (cropped to its size) and ``info`` the example's source features (``ma
 averages each metric over the images of a split. Configs name them in ``evaluators``, e.g. ``('isbi',)``.
 """
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from segjax.data.instance_targets import InstanceSettings
 from segjax.errors import SegjaxError
-from segjax.metrics import instance_average_precision, isbi_scores, label_instances
+from segjax.metrics import (
+  ISBI_CHALLENGE_THRESHOLDS,
+  instance_scores,
+  is_isbi_count_key,
+  isbi_errors_from_counts,
+  isbi_slice_counts,
+  label_instances,
+)
 
 Evaluator = Callable[[np.ndarray, dict[str, Any]], dict[str, float]]
 
 ISBI_MEMBRANE = 1
 """The membrane class of the ``isbi2012`` data set."""
 
-MIN_INSTANCE_PIXELS = 10
-"""Predicted connected components smaller than this are dropped before instance matching (noise, not nuclei)."""
 
-
-ISBI_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
-"""Membrane-probability thresholds of the ISBI 2012 scores; the challenge reported the best over thresholds."""
+ISBI_THRESHOLDS = ISBI_CHALLENGE_THRESHOLDS
+"""Cell-interior probability thresholds of the ISBI 2012 scores (0.0, 0.1, ..., 1.0, as the challenge)."""
 
 
 def isbi_evaluator(prediction: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
-  """ISBI 2012 pixel error and foreground-restricted Rand error (1 - V_rand) of one slice; class 1 is membrane.
+  """Per-threshold counts of the ISBI 2012 pixel error and foreground-restricted Rand error of one slice.
 
-  The challenge scored each submitted membrane probability map at several thresholds and reported the best score
-  (Arganda-Carreras et al. 2015; the challenge's evaluation page: "1 - the maximal F-score of the foreground-restricted
-  Rand index"). With the model's membrane probability in ``info['foreground_probability']`` this returns the scores
-  at each threshold t of ``ISBI_THRESHOLDS`` as ``rand_error/t<t>`` and ``pixel_error/t<t>`` (membrane where p > t),
-  which :func:`best_over_thresholds` reduces after averaging over the slices; without it, the scores of the label map.
+  The challenge binarised the cell-interior probability at thresholds t = 0.0, 0.1, ..., 1.0 (interior where
+  ``interior probability > t``, i.e. membrane where ``membrane probability >= 1 - t``), formed each F-score from
+  counts pooled over all slices and ranked by 1 - the best (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142;
+  :func:`segjax.metrics.isbi_challenge_errors`). So this returns counts, not errors: ``pixel_tp/t<t>``,
+  ``pixel_fp/t<t>``, ``pixel_fn/t<t>``, ``rand_tp/t<t>``, ``rand_fp/t<t>``, ``rand_fn/t<t>`` for each t of
+  ``ISBI_THRESHOLDS`` (:func:`segjax.metrics.isbi_slice_counts`). The loop averages them over the slices of a split,
+  and :func:`best_over_thresholds` turns the means into the errors (mean counts give the pooled F-scores).
+
+  Args:
+    prediction: (H, W) predicted class ids; class 1 is membrane. Scored as a 0/1 membrane probability when
+      ``info`` has no ``foreground_probability``.
+    info: the example's ``mask`` (H, W, 1) with class 1 = membrane, and optionally ``foreground_probability``: the
+      model's (H, W) probability of class 1, the membrane.
   """
-  truth = np.asarray(info["mask"])[..., 0] != ISBI_MEMBRANE
+  membrane_label = np.asarray(info["mask"])[..., 0] == ISBI_MEMBRANE
   probability = info.get("foreground_probability")
   if probability is None:
-    return isbi_scores(prediction != ISBI_MEMBRANE, truth)
-  scores = {}
-  for t in ISBI_THRESHOLDS:
-    for name, value in isbi_scores(probability <= t, truth).items():
-      scores[f"{name}/t{t}"] = value
-  return scores
+    probability = (prediction == ISBI_MEMBRANE).astype(np.float32)
+  return isbi_slice_counts(probability, membrane_label, thresholds=ISBI_THRESHOLDS)
 
 
 def best_over_thresholds(metrics: dict[str, float]) -> dict[str, float]:
-  """Adds ``<name>`` = the smallest ``<name>/t<t>`` and ``<name>_threshold`` = its t, for each swept error metric."""
-  out = dict(metrics)
-  names = {k.split("/t")[0] for k in metrics if "/t" in k}
-  for name in sorted(names):
-    swept = {float(k.split("/t")[1]): v for k, v in metrics.items() if k.startswith(f"{name}/t") and np.isfinite(v)}
-    if swept:
-      threshold = min(swept, key=swept.get)
-      out[name], out[f"{name}_threshold"] = swept[threshold], threshold
+  """Replaces the ISBI counts of :func:`isbi_evaluator`, averaged over a split, with the challenge's errors.
+
+  Adds ``pixel_error/t<t>`` and ``rand_error/t<t>`` (1 - the F-score of the mean counts, which equals the F of the
+  counts summed over the split's slices) and the best over thresholds, ``pixel_error``, ``rand_error``,
+  ``pixel_error_threshold`` and ``rand_error_threshold`` (thresholds on the cell-interior probability), via
+  :func:`segjax.metrics.isbi_errors_from_counts`. The raw count keys are dropped to keep the summary readable;
+  every other metric is returned unchanged.
+  """
+  counts = {k: v for k, v in metrics.items() if is_isbi_count_key(k)}
+  out = {k: v for k, v in metrics.items() if k not in counts}
+  if counts:
+    out.update(isbi_errors_from_counts(counts))
   return out
 
 
-def instance_evaluator(prediction: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
-  """Data Science Bowl 2018 instance average precision (IoU 0.5:0.05:0.95) of the connected components of the
-  predicted foreground (every class but 0) against the true instances."""
+def instance_evaluator(
+  prediction: np.ndarray, info: dict[str, Any], *, instances: InstanceSettings | None = None
+) -> dict[str, float]:
+  """Instance scores of one image (:func:`segjax.metrics.instance_scores`): the Data Science Bowl 2018 average
+  precision over IoU 0.5:0.05:0.95 (``instance_ap``), AJI (``aji``), panoptic quality (``pq``, ``sq``, ``rq``) and
+  the object F1 at IoU 0.5 (``f1``), against the true instances.
+
+  The predicted instances come from ``instances`` (``config.instances``): with ``method='watershed'`` the
+  marker-controlled watershed of the predicted instance-target probabilities (``info['probabilities']``), reported
+  under the plain names, and the connected components of the predicted foreground (every class but 0) of the same
+  prediction under ``<name>/components``, so both methods are scored on one checkpoint; with
+  ``method='components'`` only the connected components, under the plain names.
+  """
   if "instances" not in info:
     raise SegjaxError("evaluator 'instances' needs a dataset with instance maps; remove it from config evaluators.")
-  predicted = label_instances(prediction > 0, min_size=MIN_INSTANCE_PIXELS)
-  return {"instance_ap": instance_average_precision(predicted, np.asarray(info["instances"])[..., 0])}
+  settings = instances or InstanceSettings()
+  truth = np.asarray(info["instances"])[..., 0]
+  components = instance_scores(label_instances(prediction > 0, min_size=settings.min_size), truth)
+  if settings.method == "components" or "probabilities" not in info:
+    return components
+  scores = instance_scores(settings.to_instances(np.asarray(info["probabilities"])), truth)
+  return {**scores, **{f"{k}/components": v for k, v in components.items()}}
 
 
 EVALUATORS: dict[str, Evaluator] = {"isbi": isbi_evaluator, "instances": instance_evaluator}
@@ -89,12 +119,19 @@ def check_evaluators(names: Sequence[str], has_instances: bool) -> None:
     )
 
 
-def get_evaluators(names: Sequence[str]) -> tuple[Evaluator, ...]:
-  """The evaluators named in the config; SegjaxError for an unknown name."""
+def get_evaluators(names: Sequence[str], *, instances: InstanceSettings | None = None) -> tuple[Evaluator, ...]:
+  """The evaluators named in the config; those taking an ``instances`` keyword get ``config.instances`` bound.
+
+  Raises:
+    SegjaxError: for an unknown name.
+  """
   for name in names:
     if name not in EVALUATORS:
       raise SegjaxError(f"unknown evaluator '{name}' (config key evaluators); available: {', '.join(EVALUATORS)}.")
-  return tuple(EVALUATORS[name] for name in names)
+  fns = [EVALUATORS[name] for name in names]
+  return tuple(
+    functools.partial(fn, instances=instances) if "instances" in inspect.signature(fn).parameters else fn for fn in fns
+  )
 
 
 def run_evaluators(evaluators: Sequence[Evaluator], prediction: np.ndarray, info: dict[str, Any]) -> dict[str, float]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from segjax import checkpoint, viz
 from segjax.data import DATASETS, Dataset, load_dataset
 from segjax.data.augment import make_augment_fn
+from segjax.data.instance_targets import InstanceSettings, with_instance_targets
 from segjax.data.pipeline import (
   WeightMap,
   eval_batches,
@@ -42,6 +43,7 @@ from segjax.losses import get_loss, model_outputs
 from segjax.metrics import summarize_confusion
 from segjax.models import create_model, get_model
 from segjax.models.geometry import Geometry, eval_geometry, model_geometry
+from segjax.tiling import TTA_TRANSFORMS, tta_log_probabilities
 from segjax.train import parallel
 from segjax.train.evaluators import (
   best_over_thresholds,
@@ -93,7 +95,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   get_loss(config.loss)
   create_optimizer(config.optimizer, config.num_train_steps)
   make_augment_fn(config.augment)
-  get_evaluators(config.get("evaluators", ()))
+  get_evaluators(config.get("evaluators", ()), instances=InstanceSettings.from_config(config.get("instances")))
+  if config.get("eval_tta", "none") not in TTA_TRANSFORMS:
+    raise SegjaxError(
+      f"unknown eval_tta '{config.eval_tta}' (config key eval_tta); available: {', '.join(TTA_TRANSFORMS)}."
+    )
   crop_size = config.data.get("crop_size")
   if crop_size is not None and (not isinstance(crop_size, int) or crop_size <= 0):
     raise SegjaxError(f"config key data.crop_size must be a positive integer or None, got {crop_size!r}.")
@@ -301,6 +307,7 @@ def evaluate(
   num_classes: int,
   geometry: Geometry,
   evaluators: tuple[str, ...] = (),
+  instances: InstanceSettings | None = None,
   mesh: Mesh | None = None,
 ) -> dict[str, float]:
   """Runs ``eval_step`` over a whole split and returns the split's loss and metrics.
@@ -312,9 +319,10 @@ def evaluate(
 
   Args:
     state: the state to evaluate, on this process's devices of ``mesh`` (:func:`segjax.train.parallel.to_local`).
+    instances: how the ``instances`` evaluator turns predictions into instances (``config.instances``).
     mesh: the training mesh; None evaluates on the default device.
   """
-  evaluator_fns = get_evaluators(evaluators)
+  evaluator_fns = get_evaluators(evaluators, instances=instances)
   keep = evaluator_keys(evaluators)
   prepare = functools.partial(to_model_inputs, num_classes=num_classes)
   if jax.process_count() > 1:
@@ -325,15 +333,15 @@ def evaluate(
   for batch, infos in eval_batches(source, batch_size=batch_size, prepare=prepare, geometry=geometry, keep=keep):
     out = eval_step(state, jax.device_put(_pad_examples(batch, len(devices)), sharding))
     predictions = out.pop("predictions")
-    probabilities = out.pop("foreground_probability", None)
+    # class 1's probability (two classes) or all of them, for evaluators that threshold or post-process them
+    probabilities = {k: out.pop(k) for k in ("foreground_probability", "probabilities") if k in out}
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     if evaluator_fns:
       predictions = np.asarray(predictions)
-      probabilities = None if probabilities is None else np.asarray(probabilities)
+      probabilities = {k: np.asarray(v) for k, v in probabilities.items()}
       for i, info in enumerate(infos):
         height, width = info["size"]
-        if probabilities is not None:
-          info = {**info, "foreground_probability": probabilities[i, :height, :width]}
+        info = {**info, **{k: v[i, :height, :width] for k, v in probabilities.items()}}
         per_image.append(run_evaluators(evaluator_fns, predictions[i, :height, :width], info))
   if totals is None:  # a process with no image of this split
     totals = {"confusion": np.zeros((num_classes, num_classes), np.float32), "loss_sum": 0.0, "weight_sum": 0.0}
@@ -444,7 +452,8 @@ def train_and_evaluate(
   mesh = parallel.create_mesh(devices)
   check_divisible(config, mesh)
   use_pmap = config.get("parallelism", "jit") == "pmap"
-  dataset = load_dataset(config.data)
+  instances = InstanceSettings.from_config(config.get("instances"))
+  dataset = with_instance_targets(load_dataset(config.data), instances)
   train_source = dataset.split(config.data.train_split)
   eval_source = dataset.split(config.data.eval_split)
   test_split = config.data.get("test_split")
@@ -501,7 +510,9 @@ def train_and_evaluate(
     objective=make_objective(loss_fn) if make_objective else None,
   )
   train_step, place_batch = parallel.compile_train_step(step_fn, mesh, config.get("parallelism", "jit"))
-  eval_step = jax.jit(make_eval_step(loss_fn, dataset.num_classes))
+  tta = config.get("eval_tta", "none")
+  predict = predict_logits if tta == "none" else functools.partial(tta_log_probabilities, tta=tta)
+  eval_step = jax.jit(make_eval_step(loss_fn, dataset.num_classes, predict=predict))
   evaluate_split = functools.partial(
     evaluate,
     eval_step=eval_step,
@@ -509,6 +520,7 @@ def train_and_evaluate(
     num_classes=dataset.num_classes,
     geometry=geometry,
     evaluators=tuple(config.get("evaluators", ())),
+    instances=instances,
     mesh=mesh,
   )
   local_eval_state = lambda: parallel.to_local(state.for_eval(), mesh)  # noqa: E731
@@ -518,7 +530,7 @@ def train_and_evaluate(
 
   train_start = time.perf_counter()
   pending: list[tuple[int, dict[str, jax.Array]]] = []
-  val_metrics, preempted = None, False
+  val_metrics, preempted, eval_seconds = None, False, 0.0
   try:
     with (
       Preemption() as preemption,
@@ -534,13 +546,17 @@ def train_and_evaluate(
           logged = {
             **mean_metrics(pending, loss_scaled=loss_scale is not None),
             "learning_rate": float(schedule(step - 1)),
+            # wall time of this run's training so far, evaluations excluded (for learning curves against time)
+            "train_seconds": time.perf_counter() - train_start - eval_seconds,
           }
           pending = []
           writer.write(step, "train", logged)
           bar.set_postfix(loss=f"{logged['loss']:.4f}")
         step_metrics = None
         if (step % config.eval_every_steps == 0 or step == total_steps) and not preempted:
+          eval_start = time.perf_counter()
           val_metrics = step_metrics = evaluate_split(local_eval_state(), source=eval_source)
+          eval_seconds += time.perf_counter() - eval_start
           writer.write(step, "validation", val_metrics)
           if is_main:
             bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")

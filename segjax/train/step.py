@@ -238,18 +238,29 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+  loss_fn: LossFn,
+  num_classes: int,
+  *,
+  predict: Callable[[TrainState, jax.Array], jax.Array] = predict_logits,
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Builds the pure eval step.
 
+  Args:
+    loss_fn: the training loss, reported on the split.
+    num_classes: C, for the confusion matrix.
+    predict: ``predict(state, images) -> logits``; default the model's logits. For test-time augmentation pass
+      :func:`segjax.tiling.tta_log_probabilities` (log of the averaged probabilities, whose softmax is that average).
+
   Returns:
-    ``eval_step(state, batch) -> {'confusion', 'loss_sum', 'weight_sum', 'predictions'}`` (and
-    ``'foreground_probability'`` for two-class models): sums to be added up over the split, and the predicted label
-    maps (B, H', W') and class-1 probabilities for per-image metrics on the host. The batch's ``weights`` (0 for
-    padding) exclude pixels from every sum.
+    ``eval_step(state, batch) -> {'confusion', 'loss_sum', 'weight_sum', 'predictions'}`` and, for two-class models,
+    ``'foreground_probability'`` (class 1), for more classes ``'probabilities'`` (B, H', W', C): sums to be added up
+    over the split, and the predicted label maps and probabilities for per-image metrics on the host. The batch's
+    ``weights`` (0 for padding) exclude pixels from every sum.
   """
 
   def eval_step(state: TrainState, batch: Batch):
-    logits = predict_logits(state, batch["image"])
+    logits = predict(state, batch["image"])
     batch = crop_targets(batch, logits)
     weights = batch.get("weights")
     if weights is None:
@@ -261,6 +272,8 @@ def make_eval_step(loss_fn: LossFn, num_classes: int) -> Callable[[TrainState, B
     out = {"confusion": confusion, "loss_sum": loss_sum, "weight_sum": weight_sum, "predictions": predictions}
     if logits.shape[-1] <= 2:  # two classes: class 1's probability, for metrics taken over thresholds
       out["foreground_probability"] = foreground_probability(logits)
+    else:  # e.g. instance targets, which the watershed turns into instances
+      out["probabilities"] = jax.nn.softmax(logits.astype(jnp.float32), -1)
     return out
 
   return eval_step
