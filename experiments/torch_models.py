@@ -143,3 +143,41 @@ def torch_unet(torch: Any, *, depth: int, width: int, in_channels: int, num_clas
       return self.classifier(x)
 
   return UNet()
+
+
+def flax_unet_params(torch_model: Any, *, depth: int, width: int) -> dict:
+  """The parameters of a :func:`torch_unet` (same padding, ``norm=True``) as segjax ``unet`` params, so both start
+  from the same weights: conv kernels (out, in, kh, kw) -> (kh, kw, in, out); BatchNorm weight -> scale; the first conv
+  of each expanding level takes segjax's concatenation order (skip, up-sampled) instead of PyTorch's (up-sampled,
+  skip); a transposed conv (in, out, 2, 2) -> (2, 2, in, out) flipped in both spatial axes (Flax's ConvTranspose
+  does not flip its kernel, PyTorch's transposed convolution, the gradient of a correlation, does)."""
+  import numpy as np
+
+  sd = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+  params: dict = {}
+
+  def kernel(w):
+    return np.transpose(w, (2, 3, 1, 0))
+
+  def block(torch_name: str, name: str, skip_channels: int | None = None) -> None:
+    params[name] = {}
+    for j, (conv, norm) in enumerate(((0, 1), (3, 4))):
+      w = sd[f"{torch_name}.{conv}.weight"]
+      if j == 0 and skip_channels is not None:
+        up = w.shape[1] - skip_channels
+        w = np.concatenate([w[:, up:], w[:, :up]], 1)
+      params[name][f"conv_{j}"] = {
+        "conv": {"kernel": kernel(w)},
+        "norm": {"scale": sd[f"{torch_name}.{norm}.weight"], "bias": sd[f"{torch_name}.{norm}.bias"]},
+      }
+
+  for i in range(depth):
+    block(f"down.{i}", f"down_{i}")
+  block("bottleneck", "bottleneck")
+  for j in range(depth):
+    level = depth - 1 - j
+    up = np.transpose(sd[f"upsample.{j}.weight"], (2, 3, 0, 1))[::-1, ::-1]
+    params[f"upsample_{level}"] = {"kernel": np.ascontiguousarray(up), "bias": sd[f"upsample.{j}.bias"]}
+    block(f"up.{j}", f"up_{level}", skip_channels=width * 2**level)
+  params["classifier"] = {"kernel": kernel(sd["classifier.weight"]), "bias": sd["classifier.bias"]}
+  return params

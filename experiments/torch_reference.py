@@ -38,6 +38,9 @@ _CROP = flags.DEFINE_integer("crop_size", 256, "Side of the random training crop
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Crops per step.")
 _LR = flags.DEFINE_float("learning_rate", 3e-3, "Adam's constant learning rate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights, crops and flips.")
+_INIT = flags.DEFINE_enum(
+  "init", "torch", ["torch", "he"], "Weights: PyTorch's default init, or segjax's (He normal, zero biases)."
+)
 _THREADS = flags.DEFINE_integer("threads", None, "torch.set_num_threads (default: PyTorch's choice).")
 
 
@@ -146,6 +149,13 @@ def main(argv):
     valid=False,
     norm=True,
   )
+  if _INIT.value == "he":  # segjax's U-Net init: He et al. 2015 normal (variance 2 / fan_in), biases 0
+    for module in model.modules():
+      if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+        fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv2d) else module.weight[:, 0].numel()
+        torch.nn.init.normal_(module.weight, 0.0, (2.0 / fan_in) ** 0.5)
+        if module.bias is not None:
+          torch.nn.init.zeros_(module.bias)
   optimizer = torch.optim.Adam(model.parameters(), lr=_LR.value)
   loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
   step, trained, losses = 0, 0.0, []
