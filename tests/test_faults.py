@@ -229,7 +229,11 @@ def test_two_processes_with_two_devices_each_train_like_one_process_with_four(tm
     steps = [(r["split"], r["step"]) for r in map(json.loads, f)]
   assert len(steps) == len(set(steps))  # logged once, by process 0
   expected = _final_state(reference)
-  chex.assert_trees_all_close(_final_state(workdir, like=expected), expected, rtol=1e-5, atol=1e-6)
+  # The cross-process all-reduce (gloo) adds in another order than one process's devices, so float32 sums differ
+  # in their last digits and six Adam steps carry that on (on the development CPU in Dec 2026, also for the code
+  # of 4791dec: 5e-6 on batch-stat means near 0.1, 1e-5 on a first moment of 3e-4). A wrong sharding, a missed
+  # row or an unsynchronised gradient differs by orders of magnitude more.
+  chex.assert_trees_all_close(_final_state(workdir, like=expected), expected, rtol=1e-3, atol=1e-4)
   with open(os.path.join(workdir, "summary.json")) as f, open(os.path.join(reference, "summary.json")) as g:
     ours, theirs = json.load(f), json.load(g)
   assert ours["validation"]["mean_iou"] == pytest.approx(theirs["validation"]["mean_iou"], abs=1e-5)
