@@ -122,11 +122,9 @@ def _write_folder(root, count, size=(40, 52)):
     Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
 
 
-def test_folder_unet_trains_from_flags_alone_and_refuses_to_resume_on_changed_data(tmp_path):
-  root = tmp_path / "mine"
-  _write_folder(root, 6)
-  workdir = str(tmp_path / "run")
-  args = (
+def _folder_train_args(root, workdir, tmp_path) -> tuple[str, ...]:
+  """`experiments.train` of a tiny folder_unet on the folder ``root`` (images/, masks/), by flags alone."""
+  return (
     "experiments.train",
     "--config=experiments/configs/folder_unet.py",
     f"--workdir={workdir}",
@@ -139,6 +137,13 @@ def test_folder_unet_trains_from_flags_alone_and_refuses_to_resume_on_changed_da
     "--config.model.kwargs.base_width=4",
     "--config.batch_size=2",
   )
+
+
+def test_folder_unet_trains_from_flags_alone_and_refuses_to_resume_on_changed_data(tmp_path):
+  root = tmp_path / "mine"
+  _write_folder(root, 6)
+  workdir = str(tmp_path / "run")
+  args = _folder_train_args(root, workdir, tmp_path)
   result = _run(*args, *SHRINK)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 0.0 <= _summary(workdir)["validation"]["mean_iou"] <= 1.0
@@ -169,18 +174,8 @@ def test_folder_unet_learns_contour_targets_from_an_instance_dir_by_flags_alone(
   _write_touching_folder(root, 6)
   workdir = str(tmp_path / "run")
   result = _run(
-    "experiments.train",
-    "--config=experiments/configs/folder_unet.py",
-    f"--workdir={workdir}",
-    f"--config.data.image_dir={root / 'images'}",
-    f"--config.data.mask_dir={root / 'masks'}",
+    *_folder_train_args(root, workdir, tmp_path),
     f"--config.data.instance_dir={root / 'instances'}",
-    f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-    "--config.data.validation_fraction=0.34",
-    "--config.data.crop_size=32",
-    "--config.model.kwargs.depth=2",
-    "--config.model.kwargs.base_width=4",
-    "--config.batch_size=2",
     "--config.instances.targets=contour",
     "--config.instances.method=watershed",
     "--config.evaluators=('instances',)",
