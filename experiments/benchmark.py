@@ -66,6 +66,8 @@ class Case:
 
 CASES = {
   "unet": Case("unet", "unet", {"depth": 4, "base_width": 32, "norm": "batch"}, 4, 256, 1, 2, "adam"),
+  # the base width of the real-data configs (folder_unet, dsb2018_unet, reference_comparison), at folder_unet's batch
+  "unet16": Case("unet16", "unet", {"depth": 4, "base_width": 16, "norm": "batch"}, 8, 256, 1, 2, "adam"),
   "unet_valid": Case("unet_valid", "unet_valid", {}, 1, 572, 1, 2, "sgd:0.99"),
   "resnet50": Case("resnet50", "resnet50", {}, 16, 224, 3, 1000, "sgd:0.9", classifier=True),
 }

@@ -6,6 +6,7 @@ Images go through the same ``normalize_image`` as training, and are predicted wh
 """
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
@@ -180,9 +181,36 @@ def save_outputs(
     ) from e
 
 
-def load_predictor(workdir: str, step: int | None = None) -> Predictor:
-  """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none."""
+TUNED_INSTANCES_FILE = "instances.json"
+"""Post-processing chosen on the validation split (``experiments.tune_instances``), kept in the workdir."""
+
+
+def tuned_instances(workdir: str) -> dict | None:
+  """The ``settings`` of ``<workdir>/instances.json`` (keys of ``config.instances``), or None without the file."""
+  path = os.path.join(workdir, TUNED_INSTANCES_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      settings = json.load(f)["settings"]
+    InstanceSettings.from_config(settings)  # names and values checked as config.instances's
+  except (ValueError, KeyError, TypeError, SegjaxError) as e:
+    raise SegjaxError(
+      f"{path} is not a tune_instances result ({e}); delete it or rerun experiments.tune_instances."
+    ) from e
+  return settings
+
+
+def load_predictor(workdir: str, step: int | None = None, *, tuned: bool = True) -> Predictor:
+  """Restores the checkpoint at ``step`` (default latest) of ``workdir``; SegjaxError if there is none.
+
+  With ``tuned`` (default) the post-processing settings that ``experiments.tune_instances`` chose on the validation
+  split (``<workdir>/instances.json``) replace those of the run's ``config.instances``.
+  """
   config, step = checkpoint.restore_config(workdir, step)
+  if tuned and (settings := tuned_instances(workdir)):
+    with config.unlocked():
+      config.instances.update(settings)
   from segjax.train.loop import import_modules
 
   import_modules(config.get("imports", ()))  # modules that registered the run's model, loss, ...

@@ -184,3 +184,52 @@ def test_folder_unet_learns_contour_targets_from_an_instance_dir_by_flags_alone(
   assert result.returncode == 0, result.stderr[-3000:]
   validation = _summary(workdir)["validation"]
   assert {"iou/0", "iou/1", "iou/2", "instance_ap", "aji", "pq", "f1", "instance_ap/components"} <= set(validation)
+  _tune_and_check(workdir, tmp_path)
+
+
+def _tune_and_check(workdir, tmp_path):
+  """experiments.tune_instances picks the grid's best validation AP, writes it, and predict applies it."""
+  from experiments.tune_instances import mean_scores
+  from segjax.data import load_dataset
+  from segjax.inference import load_predictor
+  from segjax.instances import instances_from_predictions
+  from segjax.metrics import instance_average_precision
+
+  tuned = _run(
+    "experiments.tune_instances",
+    f"--workdir={workdir}",
+    "--marker_thresholds=0.2,0.9",
+    "--foreground_thresholds=0.3",
+    "--min_sizes=1,3000",
+    "--test_split=",
+  )
+  assert tuned.returncode == 0, tuned.stderr[-3000:]
+  with open(os.path.join(workdir, "instances.json")) as f:
+    record = json.load(f)
+  # independent of the script: every grid point scored here with the watershed and the DSB AP directly
+  predictor = load_predictor(workdir, tuned=False)
+  source = load_dataset(predictor.config.data).split("validation")
+  probabilities = [predictor.predict(np.asarray(source[i]["image"])) for i in range(len(source))]
+  truths = [np.asarray(source[i]["instances"])[..., 0] for i in range(len(source))]
+  by_setting = {}
+  for marker in (0.2, 0.9):
+    for min_size in (1, 3000):
+      settings = {"min_size": min_size, "marker_threshold": marker, "foreground_threshold": 0.3}
+      aps = [
+        instance_average_precision(instances_from_predictions(p, "contour", **settings), t)
+        for p, t in zip(probabilities, truths, strict=True)
+      ]
+      by_setting[(marker, min_size)] = float(np.mean(aps))
+  chosen = (record["settings"]["marker_threshold"], record["settings"]["min_size"])
+  assert by_setting[chosen] == pytest.approx(max(by_setting.values()), abs=1e-9)
+  assert record["validation"]["instance_ap"] == pytest.approx(by_setting[chosen], abs=1e-9)
+  assert by_setting[(0.2, 3000)] == 0.0  # larger than the image: nothing kept, nothing right
+  applied = load_predictor(workdir).instances
+  assert (applied.marker_threshold, applied.min_size, applied.foreground_threshold) == (*chosen, 0.3)
+  assert mean_scores(applied, list(zip(probabilities, truths, strict=True)))["instance_ap"] == pytest.approx(
+    by_setting[chosen], abs=1e-9
+  )
+  with open(os.path.join(workdir, "instances.json"), "w") as f:
+    f.write('{"settings": {"marker_treshold": 0.5}}')
+  with pytest.raises(Exception, match="instances.json is not a tune_instances result"):
+    load_predictor(workdir)
