@@ -23,6 +23,7 @@ from segjax.errors import SegjaxError
 from segjax.losses import model_outputs
 from segjax.models import create_model
 from segjax.models.geometry import Geometry, eval_geometry
+from segjax.registry import import_modules
 from segjax.tiling import Tiling, gaussian_weights, overlap_tile_plan, predict_tiled, predict_tiles, sliding_window_plan
 from segjax.train.optim import create_optimizer
 from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
@@ -211,8 +212,6 @@ def load_predictor(workdir: str, step: int | None = None, *, tuned: bool = True)
   if tuned and (settings := tuned_instances(workdir)):
     with config.unlocked():
       config.instances.update(settings)
-  from segjax.train.loop import import_modules
-
   import_modules(config.get("imports", ()))  # modules that registered the run's model, loss, ...
   info = config.dataset_info
   model = create_model(config.model, model_outputs(config.loss, info.num_classes), dtype=compute_dtype(config))

@@ -24,6 +24,7 @@ import ml_collections
 import optax
 
 from segjax.errors import SegjaxError
+from segjax.registry import Registry
 
 LossFn = Callable[..., jax.Array]
 
@@ -339,18 +340,15 @@ def deep_supervision_loss(
   return total / sum(scales)
 
 
-LOSSES: dict[str, LossFn] = {
-  "softmax_cross_entropy": softmax_cross_entropy,
-  "soft_dice_loss": soft_dice_loss,
-  "dice_cross_entropy": dice_cross_entropy,
-  "focal_loss": focal_loss,
-  "sigmoid_cross_entropy": sigmoid_cross_entropy,
-  "sigmoid_dice_loss": sigmoid_dice_loss,
-}
-
-
-ONE_LOGIT_LOSSES = ("sigmoid_cross_entropy", "sigmoid_dice_loss")
-"""Losses of binary models with one foreground logit per pixel (instead of one logit per class)."""
+LOSSES: Registry[LossFn] = Registry("loss", "loss")
+"""The losses by name. Metadata ``one_logit=True`` marks the losses of binary models with one foreground logit per
+pixel (instead of one logit per class), which :func:`model_outputs` reads."""
+LOSSES.register("softmax_cross_entropy", softmax_cross_entropy)
+LOSSES.register("soft_dice_loss", soft_dice_loss)
+LOSSES.register("dice_cross_entropy", dice_cross_entropy)
+LOSSES.register("focal_loss", focal_loss)
+LOSSES.register("sigmoid_cross_entropy", sigmoid_cross_entropy, one_logit=True)
+LOSSES.register("sigmoid_dice_loss", sigmoid_dice_loss, one_logit=True)
 
 
 def loss_name(spec: str | Mapping[str, Any] | ml_collections.ConfigDict) -> str:
@@ -364,7 +362,7 @@ def model_outputs(spec: str | Mapping[str, Any] | ml_collections.ConfigDict, num
   Raises:
     SegjaxError: for a one-logit loss on data with more than two classes.
   """
-  if loss_name(spec) not in ONE_LOGIT_LOSSES:
+  if loss_name(spec) not in LOSSES or not LOSSES.metadata(loss_name(spec)).get("one_logit", False):
     return num_classes
   if num_classes != 2:
     raise SegjaxError(
@@ -401,12 +399,10 @@ def get_loss(spec: str | Mapping[str, Any] | ml_collections.ConfigDict) -> LossF
     options = dict(spec)
     name = options.pop("name", None)
     if not isinstance(name, str):
-      raise SegjaxError(f"config key loss.name must name a loss, got {name!r}; available: {', '.join(sorted(LOSSES))}.")
+      raise SegjaxError(f"config key loss.name must name a loss, got {name!r}; available: {', '.join(LOSSES.names())}.")
   else:
     raise SegjaxError(f"config key loss must be a loss name or a dict with key 'name', got {spec!r}.")
-  if name not in LOSSES:
-    raise SegjaxError(f"unknown loss '{name}' (config key loss); available: {', '.join(sorted(LOSSES))}.")
-  fn = LOSSES[name]
+  fn = LOSSES.lookup(name)
   accepted = loss_options(fn)
   for key in options:
     if key not in accepted:

@@ -31,7 +31,7 @@ from segjax.train.step import make_gradient_fn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = "experiments.examples.extending"
 REGISTERED = {
-  "toy_fcn": models._MODELS,
+  "toy_fcn": models.MODELS,
   "toy_l2_softmax": LOSSES,
   "foreground_fraction": EVALUATORS,
   "invert": AUGMENTATIONS,

@@ -337,7 +337,7 @@ def test_get_model_bad_keyword_raises_segjax_error():
 
 
 def test_register_model_accepts_classes_and_functions(monkeypatch):
-  monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
+  monkeypatch.setattr(models, "MODELS", models.MODELS.copy())
 
   @models.register_model("test_function_model")
   def build(num_classes: int) -> nn.Module:

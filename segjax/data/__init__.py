@@ -20,6 +20,7 @@ import numpy as np
 
 from segjax.data.features import IGNORE_LABEL
 from segjax.errors import SegjaxError
+from segjax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,26 +56,17 @@ class Dataset:
 
 
 DatasetLoader = Callable[[ml_collections.ConfigDict], Dataset]
-DATASETS: dict[str, DatasetLoader] = {}
+DATASETS: Registry[DatasetLoader] = Registry("dataset", "data.name")
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-  """Decorator registering a loader function under ``name``."""
-
-  def register(loader: DatasetLoader) -> DatasetLoader:
-    DATASETS[name] = loader
-    return loader
-
-  return register
+  """Decorator registering a loader function under ``name``; ValueError if the name is taken."""
+  return DATASETS.register(name)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Prepares (if needed) and opens the dataset named by ``config.name``."""
-  if config.name not in DATASETS:
-    raise SegjaxError(
-      f"unknown dataset '{config.name}' (config key data.name); available: {', '.join(sorted(DATASETS))}."
-    )
-  return DATASETS[config.name](config)
+  return DATASETS.lookup(config.name)(config)
 
 
 def prepare(builder: Any, manual_dir: str | None = None) -> None:

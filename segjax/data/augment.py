@@ -55,6 +55,7 @@ import ml_collections
 from jax.scipy.ndimage import map_coordinates
 
 from segjax.errors import SegjaxError
+from segjax.registry import Registry
 
 Example = dict[str, jax.Array]
 Op = Callable[[jax.Array, Example], Example]
@@ -383,23 +384,21 @@ def random_blur(
   return _with_image(example, key, probability, gaussian_blur(example["image"], sigma, math.ceil(3 * max_sigma)))
 
 
-AUGMENTATIONS: dict[str, Op] = {
-  "flip": random_flip,
-  "rot90": random_rot90,
-  "scale_crop": random_scale_crop,
-  "rotate": random_rotate,
-  "elastic": random_elastic,
-  "intensity": random_intensity,
-  "noise": random_noise,
-  "blur": random_blur,
-}
+AUGMENTATIONS: Registry[Op] = Registry("augmentation", "augment.ops")
+"""The augmentation ops by name. Metadata ``coordinates``: a geometric op's coordinate map, which `make_augment_fn`
+composes with its neighbours' into one `warp`."""
+AUGMENTATIONS.register("flip", random_flip)
+AUGMENTATIONS.register("rot90", random_rot90)
+AUGMENTATIONS.register("scale_crop", random_scale_crop, coordinates=random_scale_crop_coordinates)
+AUGMENTATIONS.register("rotate", random_rotate, coordinates=random_rotation_coordinates)
+AUGMENTATIONS.register("elastic", random_elastic, coordinates=random_elastic_coordinates)
+AUGMENTATIONS.register("intensity", random_intensity)
+AUGMENTATIONS.register("noise", random_noise)
+AUGMENTATIONS.register("blur", random_blur)
 
-# The coordinate maps of the geometric ops, which `make_augment_fn` composes into one `warp`.
-WARP_COORDINATES: dict[str, Callable[..., Coordinates]] = {
-  "scale_crop": random_scale_crop_coordinates,
-  "rotate": random_rotation_coordinates,
-  "elastic": random_elastic_coordinates,
-}
+
+def _coordinates(name: str) -> Callable[..., Coordinates] | None:
+  return AUGMENTATIONS.metadata(name).get("coordinates")
 
 
 # --- Configuration --------------------------------------------------------------------------------------------------
@@ -502,10 +501,7 @@ def make_augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, E
   """
   names = list(config.get("ops", ()))
   for name in names:
-    if name not in AUGMENTATIONS:
-      raise SegjaxError(
-        f"unknown augmentation '{name}' (config key augment.ops); available: {', '.join(AUGMENTATIONS)}."
-      )
+    AUGMENTATIONS.lookup(name)
   if not names:
     return None
   params = [op_config(name, config.get(name)) for name in names]
@@ -514,15 +510,15 @@ def make_augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, E
   stages: list[tuple[int, Stage]] = []
   i = 0
   while i < len(names):
-    if names[i] not in WARP_COORDINATES:
+    if _coordinates(names[i]) is None:
       op = functools.partial(AUGMENTATIONS[names[i]], **params[i])
       stages.append((1, lambda keys, e, op=op: op(keys[0], e)))
       i += 1
       continue
     mode, maps = params[i]["mode"], []
-    while i < len(names) and names[i] in WARP_COORDINATES and params[i]["mode"] == mode:
+    while i < len(names) and _coordinates(names[i]) is not None and params[i]["mode"] == mode:
       kwargs = {k: v for k, v in params[i].items() if k != "mode"}
-      maps.append(functools.partial(WARP_COORDINATES[names[i]], **kwargs))
+      maps.append(functools.partial(_coordinates(names[i]), **kwargs))
       i += 1
     stages.append((len(maps), _composed_warp(maps, mode)))
 

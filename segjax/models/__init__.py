@@ -10,18 +10,18 @@ Example:
   'UNet'
 """
 
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import flax.linen as nn
 
 from segjax.errors import SegjaxError
+from segjax.registry import Registry
 
 ModelConstructor = Callable[..., nn.Module]
 _Constructor = TypeVar("_Constructor", bound=ModelConstructor)
 
-_MODELS: dict[str, ModelConstructor] = {}
+MODELS: Registry[ModelConstructor] = Registry("model", "model.name")
 
 
 def register_model(name: str) -> Callable[[_Constructor], _Constructor]:
@@ -37,23 +37,12 @@ def register_model(name: str) -> Callable[[_Constructor], _Constructor]:
     ValueError: if ``name`` is already registered.
   """
 
-  def decorator(constructor: _Constructor) -> _Constructor:
-    if name in _MODELS:
-      raise ValueError(f"model {name!r} is registered twice")
-    _MODELS[name] = constructor
-    return constructor
-
-  return decorator
-
-
-def _natural_key(name: str) -> list[str | int]:
-  # "resnet18" before "resnet101".
-  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+  return MODELS.register(name)
 
 
 def list_models() -> list[str]:
   """Names of all registered models, sorted with numbers in numeric order (resnet18 before resnet101)."""
-  return sorted(_MODELS, key=_natural_key)
+  return MODELS.names()
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
@@ -69,20 +58,15 @@ def get_model(name: str, **kwargs) -> nn.Module:
   Raises:
     SegjaxError: for an unknown name or keyword arguments the constructor does not accept.
   """
-  if name not in _MODELS:
-    raise SegjaxError(
-      f"unknown model {name!r} (config key model.name); available: {', '.join(list_models())}. "
-      "Fix model.name in the config."
-    )
+  constructor = MODELS.lookup(name)
   try:
-    return _MODELS[name](**kwargs)
+    return constructor(**kwargs)
   except TypeError as e:
     raise SegjaxError(f"cannot build model {name!r} from the config: {e}. Fix the model.* keys in the config.") from e
 
 
-def create(name: str, **overrides) -> nn.Module:
-  """The registered model ``name`` with attribute overrides, e.g. ``create('resnet34_unet', num_classes=3)``."""
-  return get_model(name, **overrides)
+create = get_model
+"""The former name of :func:`get_model`, kept for existing code."""
 
 
 def create_model(config: Any, num_classes: int, **overrides) -> nn.Module:
@@ -116,6 +100,7 @@ __all__ = [
   "BasicBlock",
   "BottleneckBlock",
   "CifarResNet",
+  "MODELS",
   "ModelConstructor",
   "ResNet",
   "ResNet18",

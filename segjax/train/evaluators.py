@@ -22,6 +22,7 @@ from segjax.metrics import (
   isbi_slice_counts,
   label_instances,
 )
+from segjax.registry import Registry
 
 Evaluator = Callable[[np.ndarray, dict[str, Any]], dict[str, float]]
 
@@ -97,22 +98,27 @@ def instance_evaluator(
   return {**scores, **{f"{k}/components": v for k, v in components.items()}}
 
 
-EVALUATORS: dict[str, Evaluator] = {"isbi": isbi_evaluator, "instances": instance_evaluator}
-NEEDS_INSTANCES = ("instances",)
-"""Evaluators that read the dataset's instance maps."""
+EVALUATORS: Registry[Evaluator] = Registry("evaluator", "evaluators")
+"""The evaluators by name. Metadata ``reads``: the source features an evaluator needs besides the prediction (default
+``('mask',)``); those reading ``instances`` need a data set with instance maps."""
+EVALUATORS.register("isbi", isbi_evaluator, reads=("mask",))
+EVALUATORS.register("instances", instance_evaluator, reads=("mask", "instances"))
+
+
+def _reads(name: str) -> tuple[str, ...]:
+  return tuple(EVALUATORS.metadata(name).get("reads", ("mask",)))
 
 
 def evaluator_keys(names: Sequence[str]) -> tuple[str, ...]:
   """The source features the named evaluators read (kept on the host during evaluation)."""
-  if not names:
-    return ()
-  return ("mask", "instances") if any(n in NEEDS_INSTANCES for n in names) else ("mask",)
+  keys = [key for name in names for key in _reads(name)]
+  return tuple(dict.fromkeys(keys)) if keys else ()
 
 
 def check_evaluators(names: Sequence[str], has_instances: bool) -> None:
   """SegjaxError before training when an evaluator needs instance maps the dataset does not have."""
   get_evaluators(names)
-  if not has_instances and (needing := [n for n in names if n in NEEDS_INSTANCES]):
+  if not has_instances and (needing := [n for n in names if "instances" in _reads(n)]):
     raise SegjaxError(
       f"evaluator '{needing[0]}' needs a dataset with instance maps, which this dataset has not; remove it from "
       "config evaluators."
@@ -125,10 +131,7 @@ def get_evaluators(names: Sequence[str], *, instances: InstanceSettings | None =
   Raises:
     SegjaxError: for an unknown name.
   """
-  for name in names:
-    if name not in EVALUATORS:
-      raise SegjaxError(f"unknown evaluator '{name}' (config key evaluators); available: {', '.join(EVALUATORS)}.")
-  fns = [EVALUATORS[name] for name in names]
+  fns = [EVALUATORS.lookup(name) for name in names]
   return tuple(
     functools.partial(fn, instances=instances) if "instances" in inspect.signature(fn).parameters else fn for fn in fns
   )

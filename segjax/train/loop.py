@@ -8,7 +8,6 @@ end it evaluates the validation and test splits, plots curves and a sample grid,
 """
 
 import functools
-import importlib
 import json
 import os
 import tempfile
@@ -43,6 +42,7 @@ from segjax.losses import get_loss, model_outputs
 from segjax.metrics import summarize_confusion
 from segjax.models import create_model, get_model
 from segjax.models.geometry import Geometry, eval_geometry, model_geometry
+from segjax.registry import import_modules
 from segjax.tiling import TTA_TRANSFORMS, tta_log_probabilities
 from segjax.train import parallel
 from segjax.train.evaluators import (
@@ -68,18 +68,6 @@ POSITIVE_KEYS = (
 )
 
 
-def import_modules(names) -> None:
-  """Imports the modules named in ``config.imports`` (e.g. a research project's models, losses or data sets, which
-  register themselves on import); SegjaxError names a module that cannot be imported."""
-  for name in names or ():
-    try:
-      importlib.import_module(name)
-    except ImportError as e:
-      raise SegjaxError(
-        f"cannot import module '{name}' (config key imports): {e}; make it importable (PYTHONPATH) or remove it."
-      ) from e
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every name and interval of an experiment config before any work (data preparation included) starts."""
   import_modules(config.get("imports", ()))
@@ -87,10 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config.get(key)
     if not isinstance(value, int) or value <= 0:
       raise SegjaxError(f"config key {key} must be a positive integer, got {value!r}.")
-  if config.data.name not in DATASETS:
-    raise SegjaxError(
-      f"unknown dataset '{config.data.name}' (config key data.name); available: {', '.join(sorted(DATASETS))}."
-    )
+  DATASETS.lookup(config.data.name)
   get_model(config.model.name, num_classes=2, **config.model.get("kwargs", {}))
   get_loss(config.loss)
   create_optimizer(config.optimizer, config.num_train_steps)

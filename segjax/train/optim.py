@@ -5,7 +5,7 @@ from collections.abc import Callable
 import ml_collections
 import optax
 
-from segjax.errors import SegjaxError
+from segjax.registry import Registry
 
 
 def _constant(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -38,26 +38,26 @@ def _warmup_polynomial(config: ml_collections.ConfigDict, total_steps: int) -> o
   return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])
 
 
-SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
-  "constant": _constant,
-  "warmup_cosine": _warmup_cosine,
-  "polynomial": _warmup_polynomial,
-}
+SCHEDULES: Registry[Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = Registry(
+  "schedule",
+  "optimizer.schedule",
+  {"constant": _constant, "warmup_cosine": _warmup_cosine, "polynomial": _warmup_polynomial},
+)
 
-OPTIMIZERS: dict[str, Callable[[optax.Schedule, ml_collections.ConfigDict], optax.GradientTransformation]] = {
-  "adam": lambda lr, c: optax.adam(lr),
-  "adamw": lambda lr, c: optax.adamw(lr, weight_decay=c.get("weight_decay", 1e-4)),
-  "sgd": lambda lr, c: optax.sgd(lr, momentum=c.get("momentum", 0.9), nesterov=c.get("nesterov", True)),
-}
+OPTIMIZERS: Registry[Callable[[optax.Schedule, ml_collections.ConfigDict], optax.GradientTransformation]] = Registry(
+  "optimizer",
+  "optimizer.name",
+  {
+    "adam": lambda lr, c: optax.adam(lr),
+    "adamw": lambda lr, c: optax.adamw(lr, weight_decay=c.get("weight_decay", 1e-4)),
+    "sgd": lambda lr, c: optax.sgd(lr, momentum=c.get("momentum", 0.9), nesterov=c.get("nesterov", True)),
+  },
+)
 
 
 def create_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """The learning-rate schedule named by ``config.schedule`` over ``total_steps``."""
-  if config.schedule not in SCHEDULES:
-    raise SegjaxError(
-      f"unknown schedule '{config.schedule}' (config key optimizer.schedule); available: {', '.join(SCHEDULES)}."
-    )
-  return SCHEDULES[config.schedule](config, total_steps)
+  return SCHEDULES.lookup(config.schedule)(config, total_steps)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -67,11 +67,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> opt
     config: the ``optimizer`` section of an experiment config (name, learning_rate, schedule, ...).
     total_steps: the training length, for schedules that decay over it.
   """
-  if config.name not in OPTIMIZERS:
-    raise SegjaxError(
-      f"unknown optimizer '{config.name}' (config key optimizer.name); available: {', '.join(OPTIMIZERS)}."
-    )
-  tx = OPTIMIZERS[config.name](create_schedule(config, total_steps), config)
+  tx = OPTIMIZERS.lookup(config.name)(create_schedule(config, total_steps), config)
   if config.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx
