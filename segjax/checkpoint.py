@@ -24,7 +24,15 @@ from segjax.train.state import TrainState
 
 ITEMS = ("state", "config", "data_state")
 
-COMPATIBILITY_SECTIONS = ("model", "optimizer", "data", "dataset_info", "ema_decay", "half_precision")
+COMPATIBILITY_SECTIONS = (
+  "model",
+  "optimizer",
+  "data",
+  "dataset_info",
+  "ema_decay",
+  "half_precision",
+  "half_precision_dtype",
+)
 """Config keys whose change can make a saved state not fit the model: compared when a restore fails."""
 
 

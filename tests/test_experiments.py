@@ -11,6 +11,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/configs/tiny.py"
+EMA = "--config.ema_decay=0.9"  # the shared tiny run keeps an EMA, so evaluation and predict run with one
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -24,7 +25,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory, tfds_dir):
   workdir = str(tmp_path_factory.mktemp("run"))
   result = _run(
-    "experiments.train", f"--config={TINY}", f"--workdir={workdir}", f"--config.data.tfds_data_dir={tfds_dir}"
+    "experiments.train", f"--config={TINY}", f"--workdir={workdir}", f"--config.data.tfds_data_dir={tfds_dir}", EMA
   )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
@@ -65,6 +66,7 @@ def test_train_again_resumes_from_latest_checkpoint(trained, tfds_dir, tmp_path)
     f"--workdir={resumed}",
     f"--config.data.tfds_data_dir={tfds_dir}",
     "--config.num_train_steps=8",
+    EMA,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resuming from step 6" in result.stdout
@@ -96,6 +98,58 @@ def test_predict_writes_masks_equal_to_in_process_prediction(trained, tmp_path):
   np.testing.assert_array_equal(written, predictor.predict_labels(image))
   overlay = np.asarray(Image.open(out / "test_0000_overlay.png"))
   assert overlay.shape == (*image.shape[:2], 3)
+
+
+def test_a_run_with_ema_evaluates_and_predicts_with_the_averaged_weights(trained):
+  import jax
+  import orbax.checkpoint as ocp
+
+  from segjax import checkpoint
+  from segjax.data import load_dataset
+  from segjax.inference import load_predictor
+  from segjax.losses import softmax_cross_entropy
+  from segjax.train import parallel
+  from segjax.train.loop import evaluate
+  from segjax.train.step import make_eval_step
+
+  workdir, _ = trained
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  earlier, saved = (
+    manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"] for s in (3, 6)
+  )
+  manager.close()
+  predictor = load_predictor(workdir)
+  assert predictor.config.ema_decay == 0.9 and predictor.step == 6
+  # experiments.predict's model is the checkpoint's average, which is not the trained weights ...
+  for part in ("params", "batch_stats"):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, getattr(predictor.state, part), saved["ema"][part])
+  leaves = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])  # noqa: E731
+  ema, trained_params = leaves(saved["ema"]["params"]), leaves(saved["params"])
+  assert np.abs(ema - trained_params).max() > 1e-4
+  # ... but follows them: from step 3 to step 6 it moved towards the trained weights (the step's own EMA is checked
+  # against a NumPy recurrence in test_parallel.py)
+  distance = lambda x: np.linalg.norm(x - trained_params)  # noqa: E731
+  assert distance(ema) < 0.9 * distance(leaves(earlier["ema"]["params"]))
+  # and the run's final validation scores are those of the average, not of the trained weights
+  data = predictor.config.data
+  source = load_dataset(data).split(data.eval_split)
+  score = lambda state: evaluate(  # noqa: E731
+    state,
+    jax.jit(make_eval_step(softmax_cross_entropy, 2)),
+    source,
+    batch_size=predictor.config.eval_batch_size,
+    num_classes=2,
+    geometry=predictor.geometry,
+    mesh=parallel.create_mesh(predictor.devices),
+  )
+  logged = json.load(open(os.path.join(workdir, "summary.json")))["validation"]
+  averaged = score(predictor.state)
+  weights = jax.device_put(
+    {"params": saved["params"], "batch_stats": saved["batch_stats"]}, predictor.state.step.sharding
+  )
+  trained_weights = score(predictor.state.replace(**weights))
+  assert averaged["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+  assert abs(trained_weights["loss"] - logged["loss"]) > 1e-3 * logged["loss"], (trained_weights, logged)
 
 
 def _assert_one_line_error(result, *fragments):

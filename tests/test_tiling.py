@@ -2,6 +2,7 @@
 
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,8 +25,8 @@ from segjax.tiling import (
 from segjax.train.state import create_train_state
 
 
-def _predictor(name="unet", crop_size=None, **kwargs):
-  model = get_model(name, num_classes=3, **kwargs)
+def _predictor(name="unet", crop_size=None, model=None, **kwargs):
+  model = model or get_model(name, num_classes=3, **kwargs)
   geometry = model_geometry(model)
   side = geometry.fit(geometry.margin * 2 + 16)
   state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (1, side, side, 1))
@@ -167,11 +168,87 @@ def test_bad_tiling_options_are_clear_errors():
     Tiling(tta="all")
 
 
-def test_predict_tiled_logits_blend_like_probabilities():
-  predictor = _predictor(depth=2, base_width=4)
-  state = predictor.state
-  image = _image(40, 40).astype(np.float32) / 255.0
-  plan = sliding_window_plan(40, 40, 40, 0.5)
-  logits = predict_tiled(state, image, plan, output="logits")
-  probabilities = predict_tiled(state, image, plan)
-  np.testing.assert_allclose(jax.nn.softmax(logits, -1), probabilities, atol=1e-5)
+class _PositionalConv(nn.Module):
+  """Same-padded: a 3x3 convolution plus a term of the pixel's position in the tile, so that the tiles overlapping a
+  pixel predict it differently and any error in their blending shows."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    rows, cols = jnp.meshgrid(jnp.arange(x.shape[1]), jnp.arange(x.shape[2]), indexing="ij")
+    position = jnp.stack([jnp.sin(rows * 0.3) * jnp.cos(cols * 0.2), rows / 16.0 - 1.0, 1.0 - cols / 16.0], -1)
+    return nn.Conv(3, (3, 3), padding="SAME")(x) * 4.0 + 2.0 * position
+
+
+def _numpy_softmax(logits):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _numpy_gaussian(size):
+  """The documented importance map: exp(-d^2 / (2 sigma^2)) of the distance d to the tile's centre, sigma = size / 8,
+  scaled to peak 1, floored at 1e-6."""
+  centre, sigma = (size - 1) / 2.0, size / 8.0
+  y, x = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  w = np.exp(-((y - centre) ** 2 + (x - centre) ** 2) / (2.0 * sigma**2))
+  return np.maximum(w / w.max(), 1e-6)
+
+
+def _numpy_blend(predictor, image, tile, origins_y, origins_x, weights, output="probabilities"):
+  """Tile by tile in float64: sum over the tiles of weight * prediction, divided by the sum of the weights."""
+  state = jax.tree_util.tree_map(lambda x: x.addressable_data(0), predictor.state)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  total = np.zeros((*image.shape[:2], 3))
+  weight_sum = np.zeros((*image.shape[:2], 1))
+  for y in origins_y:
+    for x in origins_x:
+      logits = np.asarray(
+        state.apply_fn(variables, image[None, y : y + tile, x : x + tile], train=False)[0], np.float64
+      )
+      prediction = _numpy_softmax(logits) if output == "probabilities" else logits
+      total[y : y + tile, x : x + tile] += weights[..., None] * prediction
+      weight_sum[y : y + tile, x : x + tile] += weights[..., None]
+  assert weight_sum.min() > 0  # every pixel covered
+  return total / weight_sum
+
+
+# 32-pixel tiles overlapping by half on a 50 x 70 image: stride 16 and a last window flush with the border
+_ORIGINS_Y, _ORIGINS_X = (0, 16, 18), (0, 16, 32, 38)
+
+
+def test_sliding_window_blends_gaussian_and_uniform_weights_like_a_numpy_loop_over_the_tiles():
+  predictor = _predictor(model=_PositionalConv())
+  image = _image(50, 70)
+  plan = sliding_window_plan(50, 70, 32, 0.5)
+  assert sorted({int(y) for y, _ in plan.input_origins}) == list(_ORIGINS_Y)
+  assert sorted({int(x) for _, x in plan.input_origins}) == list(_ORIGINS_X)
+  normalized = image.astype(np.float32) / 255.0
+  results = {}
+  for blend, weights in (("gaussian", _numpy_gaussian(32)), ("uniform", np.ones((32, 32)))):
+    # 12 tiles in batches of 8 (5 rounded up to the 4 devices): the last batch is padded with 4 tiles that count nowhere
+    tiling = Tiling(mode="sliding_window", tile_size=32, overlap=0.5, blend=blend, batch=5)
+    results[blend] = predictor.predict(image, tiling)
+    expected = _numpy_blend(predictor, normalized, 32, _ORIGINS_Y, _ORIGINS_X, weights)
+    np.testing.assert_allclose(results[blend], expected, atol=1e-5)
+  np.testing.assert_allclose(gaussian_weights(32), _numpy_gaussian(32), rtol=1e-6)
+  assert np.abs(results["gaussian"] - results["uniform"]).max() > 0.05  # the weights matter for this model
+
+
+def test_predict_tiled_blends_logits_as_they_are_over_overlapping_tiles():
+  predictor = _predictor(model=_PositionalConv())
+  image = _image(50, 70).astype(np.float32) / 255.0
+  plan = sliding_window_plan(50, 70, 32, 0.5)
+  weights = gaussian_weights(32)
+  logits = predict_tiled(predictor.state, image, plan, weights=weights, output="logits")
+  expected = _numpy_blend(predictor, image, 32, _ORIGINS_Y, _ORIGINS_X, _numpy_gaussian(32), output="logits")
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
+  # the blended probabilities are not the softmax of the blended logits once several tiles overlap...
+  probabilities = predict_tiled(predictor.state, image, plan, weights=weights)
+  assert np.abs(_numpy_softmax(expected) - probabilities).max() > 1e-3
+  # ...but they are with a single tile
+  one = sliding_window_plan(50, 70, 70, 0.5)
+  assert one.num_tiles == 1
+  np.testing.assert_allclose(
+    jax.nn.softmax(predict_tiled(predictor.state, image, one, output="logits"), -1),
+    predict_tiled(predictor.state, image, one),
+    atol=1e-5,
+  )

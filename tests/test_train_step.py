@@ -1,5 +1,7 @@
 """The pure train/eval steps, the train state and checkpoint round trips."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,23 +85,111 @@ def test_eval_step_sums_match_direct_computation_and_ignore_padding():
   np.testing.assert_allclose(out["loss_sum"] / out["weight_sum"], expected_loss, rtol=1e-5)
 
 
+def _warmup_cosine_closed_form(step: int, peak: float, end: float, warmup: int, total: int) -> float:
+  """Linear warmup from 0 to ``peak`` over ``warmup`` steps, then half a cosine from ``peak`` down to ``end`` at step
+  ``total`` (and ``end`` after it)."""
+  if step < warmup:
+    return peak * step / warmup
+  progress = min(step - warmup, total - warmup) / (total - warmup)
+  return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def test_schedule_and_optimizer_from_config():
+  peak, warmup, total = 1e-3, 6, 30
   config = ml_collections.ConfigDict(
     {
-      "name": "adam",
-      "learning_rate": 1e-3,
+      "name": "sgd",
+      "momentum": 0.0,
+      "nesterov": False,
+      "learning_rate": peak,
       "schedule": "warmup_cosine",
-      "warmup_steps": 10,
-      "end_learning_rate_factor": 0.0,
+      "warmup_steps": warmup,
+      "end_learning_rate_factor": 0.1,
     }
   )
-  schedule = create_schedule(config, 100)
-  assert float(schedule(0)) == 0.0
-  np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
-  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
-  create_optimizer(config, 100)
+  schedule = create_schedule(config, total)
+  # every step, and a few past the end (where it stays at the end value): a linear decay or a cosine over the whole
+  # run (warmup included) would not match
+  steps = range(total + 4)
+  expected = [_warmup_cosine_closed_form(s, peak, 0.1 * peak, warmup, total) for s in steps]
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-5, atol=1e-10)
+  assert float(schedule(0)) == 0.0 and float(schedule(warmup)) == pytest.approx(peak, rel=1e-6)
+  # the optimizer follows it: plain SGD's update at step s is -schedule(s) * gradient
+  tx = create_optimizer(config, total)
+  params = jnp.zeros(3)
+  opt_state = tx.init(params)
+  gradient = jnp.asarray([1.0, -2.0, 0.5])
+  for s in steps:
+    updates, opt_state = tx.update(gradient, opt_state, params)
+    np.testing.assert_allclose(updates, -expected[s] * np.asarray(gradient), rtol=1e-5, atol=1e-12)
   with pytest.raises(SegjaxError, match="unknown optimizer 'adan' \\(config key optimizer.name\\)"):
     create_optimizer(ml_collections.ConfigDict({**config.to_dict(), "name": "adan"}), 100)
+
+
+def test_grad_clip_norm_rescales_the_global_gradient_norm_before_the_optimizer():
+  lr, clip = 0.1, 1.0
+  config = ml_collections.ConfigDict(
+    {
+      "name": "sgd",
+      "momentum": 0.0,
+      "nesterov": False,
+      "learning_rate": lr,
+      "schedule": "constant",
+      "grad_clip_norm": clip,
+    }
+  )
+  tx = create_optimizer(config, 10)
+  params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  opt_state = tx.init(params)
+  base = {"a": np.array([1.0, -2.0, 2.0]), "b": np.full((2, 2), 0.5)}  # global norm sqrt(10), each leaf's below it
+  for factor in (0.2, 5.0):  # norms 0.63 (left alone) and 15.8 (clipped to 1)
+    gradient = {k: factor * v for k, v in base.items()}
+    norm = np.sqrt(sum(np.sum(v**2) for v in gradient.values()))
+    assert (norm < clip) == (factor < 1)
+    updates, opt_state = tx.update(jax.tree_util.tree_map(jnp.asarray, gradient), opt_state, params)
+    for key, g in gradient.items():
+      np.testing.assert_allclose(updates[key], -lr * g * min(1.0, clip / norm), rtol=1e-6)
+
+
+def test_batch_norm_running_statistics_follow_the_momentum_formula_through_the_train_step():
+  # Each BatchNorm's running statistics after a train step are momentum * old + (1 - momentum) * the batch's, with
+  # momentum 0.9 (PyTorch's 0.1 on the new value) and the batch's mean and biased variance of the BatchNorm input
+  # over (N, H, W). The input of each norm is its conv's output, captured here from the model itself.
+  momentum = 0.9
+  step = jax.jit(make_train_step(softmax_cross_entropy))
+  state = _state()
+
+  @jax.jit
+  def conv_outputs(variables, images):
+    _, captured = state.apply_fn(
+      variables,
+      images,
+      train=True,
+      mutable=["batch_stats", "intermediates"],
+      capture_intermediates=lambda module, method: module.name == "conv" and method == "__call__",
+    )
+    return captured["intermediates"]
+
+  for seed in range(2):  # the second step starts from running statistics that are no longer the initial 0 and 1
+    batch = _batch(seed)
+    inputs = conv_outputs({"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
+    old = jax.device_get(state.batch_stats)
+    state, _ = step(state, batch)
+    new = jax.device_get(state.batch_stats)
+    checked = 0
+    for block, convs in old.items():
+      for conv_name, stats in convs.items():
+        x = np.asarray(inputs[block][conv_name]["conv"]["__call__"][0], np.float64)
+        batch_mean, batch_var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+        running = new[block][conv_name]["norm"]
+        np.testing.assert_allclose(
+          running["mean"], momentum * stats["norm"]["mean"] + (1 - momentum) * batch_mean, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+          running["var"], momentum * stats["norm"]["var"] + (1 - momentum) * batch_var, rtol=1e-5, atol=1e-6
+        )
+        checked += 1
+    assert checked == 10  # every BatchNorm of the depth-2 U-Net
 
 
 @pytest.mark.parametrize("warmup", [0, 10])

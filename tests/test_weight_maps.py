@@ -205,3 +205,30 @@ def test_bad_settings_and_labels_raise():
     class_pixel_counts(np.array([0, 1, 3]), 3)
   with pytest.raises(SegjaxError, match="counts"):
     class_balance_from_counts([1, -1])
+
+
+def test_balanced_class_weights_of_the_config_are_inverse_training_pixel_frequencies():
+  # data.weight_map.class_weights='balanced' counts the training split's pixels per class (labels outside the classes,
+  # here 255, are not counted) and sets w_c = total / (num_present * count_c), 0 for a class with no pixel.
+  import ml_collections
+
+  from segjax.data import Dataset
+  from segjax.train.loop import weight_map_of
+
+  rng = np.random.default_rng(0)
+  masks = [rng.choice([0, 0, 0, 0, 1, 1, 2, 255], size=(6, 5 + i, 1)).astype(np.uint8) for i in range(3)]
+  source = [{"mask": mask} for mask in masks]
+  dataset = Dataset(
+    "fake", num_classes=4, num_channels=1, class_names=("bg", "a", "b", "c"), splits={}, has_instances=True
+  )
+  config = ml_collections.ConfigDict(
+    {"data": {"weight_map": {"enabled": True, "class_weights": "balanced", "w0": 7.0}}}
+  )
+  weight_map = weight_map_of(config, dataset, source)
+  counts = np.array([sum(int(np.sum(m == c)) for m in masks) for c in range(4)], np.float64)
+  assert counts[3] == 0 and counts[:3].min() > 0
+  expected = np.zeros(4)
+  expected[:3] = counts.sum() / (3 * counts[:3])
+  np.testing.assert_allclose(weight_map.class_weights, expected, rtol=1e-6)
+  np.testing.assert_allclose(np.dot(counts, weight_map.class_weights) / counts.sum(), 1.0, rtol=1e-6)
+  assert weight_map.w0 == 7.0
