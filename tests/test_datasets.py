@@ -13,6 +13,7 @@ from PIL import Image
 
 from segjax.data import data_root, load_dataset
 from segjax.data.features import IGNORE_LABEL
+from segjax.data.folder import assign_splits
 from segjax.errors import SegjaxError
 
 ISBI = os.path.join(data_root(), "isbi2012")
@@ -254,3 +255,71 @@ def test_oxford_iiit_pet_trimap_becomes_classes(border, expected):
 def test_oxford_iiit_pet_unknown_trimap_border_is_a_clear_error():
   with pytest.raises(SegjaxError, match="unknown data.trimap_border 'edge'"):
     load_dataset(_config(name="oxford_iiit_pet", trimap_border="edge"))
+
+
+@pytest.mark.parametrize(
+  "n, validation, test, sizes",
+  [
+    (20, 0.1, 0.2, (14, 2, 4)),  # the fractions no longer compete: 4 test images, not 2
+    (6, 0.1, 0.0, (5, 1, 0)),  # round(0.6) = 1: a positive fraction never makes an empty split
+    (7, 0.25, 0.25, (3, 2, 2)),
+    (10, 0.0, 0.3, (7, 0, 3)),
+    (1000, 0.1, 0.05, (850, 100, 50)),
+  ],
+)
+def test_fraction_splits_have_round_n_times_fraction_images_spread_over_the_names(n, validation, test, sizes):
+  stems = [f"im{i:04d}" for i in range(n)]
+  splits = assign_splits(stems[::-1], split_files=None, validation_fraction=validation, test_fraction=test)
+  assert tuple(len(splits[s]) for s in ("train", "validation", "test")) == sizes
+  assert sorted(splits["train"] + splits["validation"] + splits["test"]) == stems  # a partition
+  assert splits == assign_splits(stems, split_files=None, validation_fraction=validation, test_fraction=test)
+  for split in ("validation", "test"):  # spread: consecutive picks at most ceil(n / count) + 1 names apart
+    positions = [stems.index(s) for s in splits[split]]
+    if len(positions) > 1:
+      assert max(np.diff(positions)) <= -(-n // len(positions)) + 1
+
+
+def test_fractions_that_leave_no_training_image_name_the_keys():
+  with pytest.raises(SegjaxError, match="data.validation_fraction=0.5 and data.test_fraction=0.4 of 2 images"):
+    assign_splits(["a", "b"], split_files=None, validation_fraction=0.5, test_fraction=0.4)
+
+
+def test_folder_dict_keys_are_settable_on_the_command_line(tmp_path):
+  import subprocess
+  import sys
+
+  root = tmp_path / "data"
+  _write_folder(root, [(10, 12)] * 4)
+  (tmp_path / "t.txt").write_text("img0\nimg1.png\nimg2\n")
+  (tmp_path / "v.txt").write_text("img3\n")
+  script = tmp_path / "parse.py"
+  script.write_text(
+    "from absl import app\n"
+    "from ml_collections import config_flags\n"
+    "from segjax.data.folder import folder_config\n"
+    "CONFIG = config_flags.DEFINE_config_file('config')\n"
+    "def main(argv):\n"
+    "  built = folder_config(CONFIG.value.data)\n"
+    "  print(built.mask_values, dict(built.splits))\n"
+    "app.run(main)\n"
+  )
+  args = [
+    sys.executable,
+    str(script),
+    "--config=experiments/configs/folder_unet.py",
+    f"--config.data.image_dir={root / 'images'}",
+    f"--config.data.mask_dir={root / 'masks'}",
+    f"--config.data.split_files=train:{tmp_path / 't.txt'},validation:{tmp_path / 'v.txt'}",
+  ]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": repo}
+  result = subprocess.run(
+    [*args, "--config.data.mask_values=0:0, 255:1,7:1"], capture_output=True, text=True, cwd=repo, env=env
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "((0, 0), (7, 1), (255, 1))" in result.stdout
+  assert "'train': ('img0', 'img1', 'img2'), 'validation': ('img3',)" in result.stdout
+  bad = subprocess.run(
+    [*args, "--config.data.mask_values=0-0,255:1"], capture_output=True, text=True, cwd=repo, env=env
+  )
+  assert "config key data.mask_values must be pairs like 'a:b,c:d'" in bad.stderr

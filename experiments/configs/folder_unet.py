@@ -4,11 +4,13 @@
       --config.data.image_dir=/data/mine/images --config.data.mask_dir=/data/mine/masks \
       --config.data.num_classes=2 --config.data.num_channels=3
 
-Masks hold one value per pixel. ``data.mask_values`` maps mask values to class ids (a dict, e.g. ``{0: 0, 255: 1}``,
-set in a copy of this file; by default a value is its class id) and ``data.ignore_value`` marks unlabelled pixels.
-``data.instance_dir`` (instance-id images with the same names) enables the U-Net border weight map. The split comes
-from ``data.split_files`` (``{'train': 'train.txt', 'validation': 'val.txt'}``, one file name or stem per line) or
-from ``data.validation_fraction`` / ``data.test_fraction`` of the sorted names. See ``segjax/data/folder.py``.
+Masks hold one value per pixel. ``data.mask_values`` maps mask values to class ids
+(``--config.data.mask_values=0:0,255:1`` on the command line, or a dict in a config file; by default a value is its
+class id) and ``data.ignore_value`` marks unlabelled pixels. ``data.instance_dir`` (instance-id images with the same
+names) enables the U-Net border weight map. The split comes from ``data.split_files``
+(``--config.data.split_files=train:train.txt,validation:val.txt``, or a dict; one file name or stem per line) or from
+``data.validation_fraction`` / ``data.test_fraction`` of the sorted names (``round(n * fraction)`` images each, at
+least one). See ``segjax/data/folder.py``.
 """
 
 import ml_collections
@@ -26,12 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
       "image_dir": config_dict.placeholder(str),
       "mask_dir": config_dict.placeholder(str),
       "instance_dir": config_dict.placeholder(str),
-      "mask_values": config_dict.placeholder(dict),
+      # dicts in a config file, or 'value:class,...' / 'split:file,...' on the command line
+      "mask_values": config_dict.placeholder(object),
       "ignore_value": config_dict.placeholder(int),
       "num_classes": 2,
       "num_channels": 1,
       "class_names": config_dict.placeholder(tuple),
-      "split_files": config_dict.placeholder(dict),
+      "split_files": config_dict.placeholder(object),
       "validation_fraction": 0.1,
       "test_fraction": 0.0,
       "border_sigma": 5.0,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from segjax.data.features import IGNORE_LABEL, SegmentationBuilder, make_example, segmentation_features
@@ -122,8 +123,13 @@ def assign_splits(
 ) -> dict[str, tuple[str, ...]]:
   """Split name -> stems, from list files or from fractions of the sorted stems.
 
-  With fractions, the sorted stems are dealt out evenly: stem ``i`` goes to ``validation`` when
-  ``floor((i + 1) f_val) > floor(i f_val)``, else to ``test`` by the same rule with ``f_test``, else to ``train``.
+  With fractions, ``round(n * fraction)`` of the n sorted stems go to each of ``validation`` and ``test`` (at least
+one where the fraction is positive), spread evenly over the sorted order: validation takes the last stem of each
+of ``n_val`` equal parts of the list, test likewise among those left; the rest train. So no split is
+empty that a positive fraction asks for, and the two fractions do not compete for the same stems.
+
+  Raises:
+    SegjaxError: for a fraction outside [0, 1) or fractions that leave no training image, naming the keys.
   """
   if split_files:
     splits = {split: _read_stems(path, split) for split, path in split_files.items()}
@@ -137,18 +143,39 @@ def assign_splits(
   for key, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
     if not 0.0 <= value < 1.0:
       raise SegjaxError(f"data.{key} must be in [0, 1), got {value}.")
-  splits: dict[str, list[str]] = {s: [] for s in SPLITS}
-  for i, stem in enumerate(sorted(stems)):
-    if int((i + 1) * validation_fraction) > int(i * validation_fraction):
-      splits["validation"].append(stem)
-    elif int((i + 1) * test_fraction) > int(i * test_fraction):
-      splits["test"].append(stem)
-    else:
-      splits["train"].append(stem)
-  return {s: tuple(v) for s, v in splits.items()}
+  ordered = sorted(stems)
+  n = len(ordered)
+  n_val, n_test = (max(1, round(n * f)) if f > 0 else 0 for f in (validation_fraction, test_fraction))
+  if n_val + n_test >= n:
+    raise SegjaxError(
+      f"data.validation_fraction={validation_fraction} and data.test_fraction={test_fraction} of {n} images leave "
+      f"no training image ({n_val} validation, {n_test} test); lower them, or list the splits in data.split_files."
+    )
+  validation = _spread(ordered, n_val)
+  rest = [stem for stem in ordered if stem not in set(validation)]
+  test = _spread(rest, n_test)
+  taken = set(validation) | set(test)
+  return {"train": tuple(s for s in ordered if s not in taken), "validation": validation, "test": test}
+
+
+def _spread(items: list[str], count: int) -> tuple[str, ...]:
+  """``count`` of ``items`` evenly spread over them: the last of each of ``count`` equal parts."""
+  return tuple(items[(k + 1) * len(items) // count - 1] for k in range(count))
+
+
+def parse_pairs(value: Any, key: str) -> Any:
+  """A ``key:value,key:value`` string of the command line (``--config.data.mask_values=0:0,255:1``) as a dict; any
+  other value unchanged. SegjaxError names the config key for text that is not such pairs."""
+  if not isinstance(value, str):
+    return value
+  pairs = [item.split(":", 1) for item in value.split(",") if item.strip()]
+  if not pairs or any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+    raise SegjaxError(f"config key {key} must be pairs like 'a:b,c:d' (or a dict in the config file), got {value!r}.")
+  return {k.strip(): v.strip() for k, v in pairs}
 
 
 def _mask_value_pairs(mask_values: Any) -> tuple[tuple[int, int], ...]:
+  mask_values = parse_pairs(mask_values, "data.mask_values")
   if not mask_values:
     return ()
   items = mask_values.items() if hasattr(mask_values, "items") else mask_values
@@ -186,10 +213,11 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
     raise SegjaxError(f"data.mask_values maps to class {bad[0]}, outside 0..{num_classes - 1} (data.num_classes).")
   splits = assign_splits(
     list(images),
-    split_files=data.get("split_files"),
+    split_files=parse_pairs(data.get("split_files"), "data.split_files"),
     validation_fraction=float(data.get("validation_fraction", 0.1)),
     test_fraction=float(data.get("test_fraction", 0.0)),
   )
+  logging.info("folder %s: %s", data["image_dir"], ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
   settings = {
     "image_dir": os.path.abspath(data["image_dir"]),
     "mask_dir": os.path.abspath(data["mask_dir"]),
