@@ -1,6 +1,8 @@
 """What every entry point shares: a readable check of --config, and SegjaxError as one line instead of a traceback."""
 
+import difflib
 import glob
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -27,6 +29,42 @@ def check_config_argument(argv: list[str]) -> None:
         os.path.relpath(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p.endswith("__init__.py")
       )
       fail(f"config file '{path}' does not exist (--config); available: {', '.join(available)}.")
+    with open(path) as f:
+      source = f.read()
+    try:
+      compile(source, path, "exec")
+    except SyntaxError as e:
+      fail(f"config file '{path}' line {e.lineno}: {e.msg}; fix the file.")
+    check_override_keys(argv, path, value.split(":", 1)[1] if ":" in value else None)
+
+
+def check_override_keys(argv: list[str], path: str, variant: str | None) -> None:
+  """Exits with a one-line message naming the first ``--config.<key>=`` override whose key the config lacks, with the
+  closest existing key, instead of the flag parser's tracebacks."""
+  overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+  if not overrides:
+    return
+  try:
+    config = _load_config(path, variant)
+  except Exception:  # noqa: BLE001 - the flag parser reports errors inside the file itself
+    return
+  for key in overrides:
+    node, walked = config, []
+    for part in key.split("."):
+      names = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in names:
+        where = ".".join(walked) or "the config"
+        close = difflib.get_close_matches(part, names, n=1)
+        hint = f"; did you mean '{'.'.join([*walked, close[0]])}'?" if close else f"; {where} has: {', '.join(names)}."
+        fail(f"unknown config key '{key}' (--config.{key}) in {path}{hint}")
+      node, walked = node[part], [*walked, part]
+
+
+def _load_config(path: str, variant: str | None):
+  spec = importlib.util.spec_from_file_location("_segjax_checked_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant is not None else module.get_config()
 
 
 def fail(message: str) -> None:

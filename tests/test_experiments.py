@@ -166,6 +166,27 @@ def test_missing_config_file_is_one_line_error(tmp_path):
   _assert_one_line_error(result, "experiments/configs/nope.py", "does not exist", "synthetic_cells.py")
 
 
+def test_a_mistyped_override_key_is_one_line_naming_the_key_and_the_close_match(tmp_path):
+  result = _run(
+    "experiments.train",
+    "--config=experiments/configs/folder_unet.py",
+    f"--workdir={tmp_path}",
+    "--config.model.kwargs.deppth=3",
+  )
+  _assert_one_line_error(result, "unknown config key 'model.kwargs.deppth'", "did you mean 'model.kwargs.depth'?")
+  result = _run("experiments.train", f"--config={TINY}", "--config.nope=1", f"--workdir={tmp_path}")
+  _assert_one_line_error(result, "unknown config key 'nope'", "the config has: augment, batch_size")
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line_naming_the_file_and_line(tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text(
+    "import ml_collections\n\ndef get_config():\n  config = ml_collections.ConfigDict(\n  return config\n"
+  )
+  result = _run("experiments.train", f"--config={path}", f"--workdir={tmp_path / 'run'}")
+  _assert_one_line_error(result, f"config file '{path}' line 4", "fix the file")
+
+
 def test_unknown_model_name_is_one_line_error(tmp_path, tfds_dir):
   result = _run(
     "experiments.train",
