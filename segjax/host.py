@@ -21,7 +21,7 @@ keeps glibc's defaults.
 import os
 import platform
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 from segjax.errors import SegjaxError
 
@@ -49,6 +49,34 @@ def allocator_setting(environ: Mapping[str, str] = os.environ) -> str:
   """``'tuned'`` when all three settings are in ``environ`` (whatever their values), else ``'default'``."""
   has_tunable = any(t.startswith("glibc.malloc.hugetlb=") for t in environ.get("GLIBC_TUNABLES", "").split(":"))
   return "tuned" if has_tunable and all(k in environ for k in MALLOC_VARIABLES) else "default"
+
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+SAFE_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+"""XLA:CPU's default (concurrency-optimised) scheduler can order the all-reduces of a data-parallel step differently
+on two CPU devices of one process, so each waits in a different one until the rendezvous times out (BENCHMARKS.md,
+attempt 14: the default U-Net step on 2 devices). The plain scheduler keeps them in program order."""
+
+
+def safe_cpu_xla_flags(flags: str) -> str:
+  """``XLA_FLAGS`` with :data:`SAFE_SCHEDULER_FLAG` added when it asks for more than one CPU device
+  (``--xla_force_host_platform_device_count=N``, N > 1) and does not choose the scheduler itself; else unchanged."""
+  count = 1
+  for flag in flags.split():
+    if flag.startswith(DEVICE_COUNT_FLAG + "="):
+      try:
+        count = int(flag.split("=", 1)[1])
+      except ValueError:
+        return flags  # XLA reports its own flag errors
+  chosen = any(f.startswith(SAFE_SCHEDULER_FLAG.split("=")[0] + "=") for f in flags.split())
+  return f"{flags} {SAFE_SCHEDULER_FLAG}".strip() if count > 1 and not chosen else flags
+
+
+def use_safe_cpu_scheduler(environ: MutableMapping[str, str] = os.environ) -> None:
+  """Applies :func:`safe_cpu_xla_flags` to ``environ['XLA_FLAGS']``. XLA reads the variable when JAX first creates
+  its backends, so this works if called before any computation (``import segjax`` does)."""
+  if "XLA_FLAGS" in environ:
+    environ["XLA_FLAGS"] = safe_cpu_xla_flags(environ["XLA_FLAGS"])
 
 
 def reexec_with_tuned_allocator(

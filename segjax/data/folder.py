@@ -123,13 +123,13 @@ def assign_splits(
 ) -> dict[str, tuple[str, ...]]:
   """Split name -> stems, from list files or from fractions of the sorted stems.
 
-  With fractions, ``round(n * fraction)`` of the n sorted stems go to each of ``validation`` and ``test`` (at least
-one where the fraction is positive), spread evenly over the sorted order: validation takes the last stem of each
-of ``n_val`` equal parts of the list, test likewise among those left; the rest train. So no split is
-empty that a positive fraction asks for, and the two fractions do not compete for the same stems.
+    With fractions, ``round(n * fraction)`` of the n sorted stems go to each of ``validation`` and ``test`` (at least
+  one where the fraction is positive), spread evenly over the sorted order: validation takes the last stem of each
+  of ``n_val`` equal parts of the list, test likewise among those left; the rest train. So no split is
+  empty that a positive fraction asks for, and the two fractions do not compete for the same stems.
 
-  Raises:
-    SegjaxError: for a fraction outside [0, 1) or fractions that leave no training image, naming the keys.
+    Raises:
+      SegjaxError: for a fraction outside [0, 1) or fractions that leave no training image, naming the keys.
   """
   if split_files:
     splits = {split: _read_stems(path, split) for split, path in split_files.items()}
