@@ -6,6 +6,9 @@
   python -m experiments.predict --workdir=runs/dsb2018 --input=slide.png --output=out/ --tiling=sliding_window \
       --tile_size=256 --overlap=0.5 --outputs=labels,instances,overlay
 
+--workdir may also name several runs (comma-separated, or a folder of workdirs such as the folds of a k-fold
+cross-validation, ``data.num_folds``): their probabilities are averaged before the argmax or the instances.
+
 --input is an image file, a folder or a glob pattern (PNG, TIFF, JPEG; grayscale or RGB; 8 or 16 bit). Per image it
 writes, as asked by --outputs: ``<stem>_mask.png`` (pixel value = class id), ``<stem>_overlay.png`` (colours over
 the image), ``<stem>_instances.png`` (16-bit instance ids by the run's ``config.instances``: the marker-controlled
@@ -24,10 +27,15 @@ from tqdm import tqdm
 from experiments import cli
 from segjax.data.io import list_images, read_image
 from segjax.errors import SegjaxError
-from segjax.inference import OUTPUT_KINDS, load_predictor, save_outputs
+from segjax.inference import OUTPUT_KINDS, load_ensemble, save_outputs
 from segjax.tiling import BLENDS, MODES, PADDINGS, TTA_TRANSFORMS, Tiling
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "Workdir of a training run (holds checkpoints/); or several, comma-separated, or a folder of workdirs (e.g. the "
+  "folds of a cross-validation), whose probabilities are averaged.",
+)
 _INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images or a glob pattern.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for the outputs.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).")
@@ -61,7 +69,7 @@ def main(argv: list[str]) -> None:
     batch=_TILE_BATCH.value,
   )
   files = list_images(_INPUT.value)
-  predictor = load_predictor(_WORKDIR.value, _STEP.value)
+  predictor = load_ensemble(_WORKDIR.value, _STEP.value)
   instances = predictor.instances
   if _MIN_SIZE.value is not None:
     instances = dataclasses.replace(instances, min_size=_MIN_SIZE.value)

@@ -182,6 +182,65 @@ def save_outputs(
     ) from e
 
 
+def ensemble_workdirs(spec: str) -> list[str]:
+  """The workdirs ``experiments.predict --workdir`` names: one workdir, a comma-separated list, or a folder whose
+  sub-folders are workdirs (e.g. one per cross-validation fold), in sorted order.
+
+  Raises:
+    SegjaxError: naming the path when it is neither a workdir nor a folder of workdirs.
+  """
+  paths = [p for p in spec.split(",") if p]
+  if len(paths) == 1 and not os.path.isdir(checkpoint.checkpoint_dir(paths[0])) and os.path.isdir(paths[0]):
+    found = sorted(
+      os.path.join(paths[0], name)
+      for name in os.listdir(paths[0])
+      if os.path.isdir(checkpoint.checkpoint_dir(os.path.join(paths[0], name)))
+    )
+    if not found:
+      raise SegjaxError(f"'{paths[0]}' holds no checkpoints/ and no workdirs with checkpoints; pass a trained workdir.")
+    return found
+  return paths
+
+
+class Ensemble:
+  """Several predictors (e.g. the folds of a cross-validation) as one: their probabilities averaged, as nnU-Net
+  ensembles its folds, before any argmax or instance post-processing. Config, classes, channels, instance settings
+  and the image check are the first member's; the members must agree on classes and channels."""
+
+  def __init__(self, predictors: Sequence[Predictor], names: Sequence[str] | None = None):
+    if not predictors:
+      raise SegjaxError("an ensemble needs at least one trained workdir.")
+    first = predictors[0]
+    for predictor, name in zip(predictors[1:], (names or [str(i) for i in range(len(predictors))])[1:], strict=True):
+      if (predictor.num_classes, predictor.num_channels) != (first.num_classes, first.num_channels):
+        raise SegjaxError(
+          f"workdir {name} predicts {predictor.num_classes} classes from {predictor.num_channels} channels, the first "
+          f"{first.num_classes} from {first.num_channels}; ensemble runs of the same data."
+        )
+    self.members = list(predictors)
+
+  def __getattr__(self, name: str):  # config, step, num_classes, instances, check_image, ... of the first member
+    if name == "members":
+      raise AttributeError(name)
+    return getattr(self.members[0], name)
+
+  def predict(self, image: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    """Image (H, W, C) -> the members' mean class probabilities (H, W, num_classes), float32."""
+    total = self.members[0].predict(image, tiling).astype(np.float64)
+    for member in self.members[1:]:
+      total += member.predict(image, tiling)
+    return (total / len(self.members)).astype(np.float32)
+
+
+def load_ensemble(spec: str, step: int | None = None) -> Predictor | Ensemble:
+  """The predictor of one workdir, or the :class:`Ensemble` of the workdirs that ``spec`` names
+  (:func:`ensemble_workdirs`)."""
+  workdirs = ensemble_workdirs(spec)
+  if len(workdirs) == 1:
+    return load_predictor(workdirs[0], step)
+  return Ensemble([load_predictor(w, step) for w in workdirs], names=workdirs)
+
+
 TUNED_INSTANCES_FILE = "instances.json"
 """Post-processing chosen on the validation split (``experiments.tune_instances``), kept in the workdir."""
 

@@ -323,3 +323,36 @@ def test_folder_dict_keys_are_settable_on_the_command_line(tmp_path):
     [*args, "--config.data.mask_values=0-0,255:1"], capture_output=True, text=True, cwd=repo, env=env
   )
   assert "config key data.mask_values must be pairs like 'a:b,c:d'" in bad.stderr
+
+
+def test_k_folds_partition_the_non_test_images_and_are_stable():
+  stems = [f"s{i:02d}" for i in range(23)]
+  folds = [
+    assign_splits(stems, split_files=None, validation_fraction=0.1, test_fraction=0.1, num_folds=5, fold=k)
+    for k in range(5)
+  ]
+  test = folds[0]["test"]
+  assert len(test) == 2 and all(f["test"] == test for f in folds)  # the test images are held out of every fold
+  validations = [set(f["validation"]) for f in folds]
+  assert sorted(len(v) for v in validations) == [4, 4, 4, 4, 5]
+  assert set().union(*validations) == set(stems) - set(test) and sum(map(len, validations)) == 21  # a partition
+  for f, v in zip(folds, validations, strict=True):
+    assert set(f["train"]) == set(stems) - set(test) - v
+  again = assign_splits(stems[::-1], split_files=None, validation_fraction=0.3, test_fraction=0.1, num_folds=5, fold=2)
+  assert again == folds[2]  # stable: neither the listing order nor validation_fraction changes a fold
+  assert folds[0]["validation"] != tuple(sorted(stems))[: len(folds[0]["validation"])]  # dealt, not the first names
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"num_folds": 1}, "data.num_folds must be 0 \\(no folds\\) or an integer >= 2"),
+    ({"num_folds": 5, "fold": 5}, "data.fold must be one of 0..4"),
+    ({"num_folds": 9}, "data.num_folds=9 needs at least 9 images besides the 0 test images; the folder has 8"),
+    ({"num_folds": 3, "split_files": {"train": "t.txt"}}, "unset data.split_files or data.num_folds"),
+  ],
+)
+def test_bad_fold_settings_name_the_key(kwargs, message):
+  args = {"split_files": None, "validation_fraction": 0.1, "test_fraction": 0.0, **kwargs}
+  with pytest.raises(SegjaxError, match=message):
+    assign_splits([f"s{i}" for i in range(8)], **args)

@@ -75,6 +75,45 @@ def test_train_again_resumes_from_latest_checkpoint(trained, tfds_dir, tmp_path)
   assert json.load(open(os.path.join(resumed, "summary.json")))["trained_steps_this_run"] == 2
 
 
+def test_an_ensemble_averages_its_members_probabilities_and_predict_takes_a_folder_of_folds(trained, tmp_path):
+  import dataclasses
+  import shutil
+
+  import jax
+
+  from segjax.data.io import read_image
+  from segjax.inference import Ensemble, ensemble_workdirs, load_ensemble, load_predictor
+
+  workdir, _ = trained
+  folds = tmp_path / "folds"
+  for name in ("fold0", "fold1"):  # two identical members
+    shutil.copytree(workdir, folds / name)
+  (folds / "notes").mkdir()  # not a workdir: ignored
+  assert ensemble_workdirs(str(folds)) == [str(folds / "fold0"), str(folds / "fold1")]
+  single = load_predictor(workdir)
+  image = read_image(os.path.join(workdir, "test_images", "test_0000.png"), single.num_channels)
+  ensemble = load_ensemble(str(folds))
+  assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
+  np.testing.assert_allclose(ensemble.predict(image), single.predict(image), atol=1e-6)  # two identical = one
+
+  other = dataclasses.replace(
+    single, state=single.state.replace(params=jax.tree.map(lambda x: -x, single.state.params))
+  )
+  mixed = Ensemble([single, other]).predict(image)
+  expected = (single.predict(image).astype(np.float64) + other.predict(image)) / 2
+  np.testing.assert_allclose(mixed, expected, atol=1e-6)
+  assert np.abs(mixed - single.predict(image)).max() > 1e-2  # the second member counts
+
+  out = tmp_path / "pred"
+  result = _run("experiments.predict", f"--workdir={folds}", f"--input={workdir}/test_images", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "test_0000_mask.png")), single.predict_labels(image))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = _run("experiments.predict", f"--workdir={empty}", f"--input={workdir}/test_images", f"--output={out}")
+  _assert_one_line_error(result, "holds no checkpoints/ and no workdirs with checkpoints")
+
+
 def test_predict_writes_masks_equal_to_in_process_prediction(trained, tmp_path):
   workdir, _ = trained
   out = tmp_path / "pred"

@@ -10,7 +10,8 @@ class id) and ``data.ignore_value`` marks unlabelled pixels. ``data.instance_dir
 names) enables the U-Net border weight map. The split comes from ``data.split_files``
 (``--config.data.split_files=train:train.txt,validation:val.txt``, or a dict; one file name or stem per line) or from
 ``data.validation_fraction`` / ``data.test_fraction`` of the sorted names (``round(n * fraction)`` images each, at
-least one). See ``segjax/data/folder.py``.
+least one), or from k-fold cross-validation (``data.num_folds=5 data.fold=k``; train each fold in its own workdir
+and predict with all of them: ``experiments.predict --workdir=runs/mydata_folds``). See ``segjax/data/folder.py``.
 """
 
 import ml_collections
@@ -37,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
       "split_files": config_dict.placeholder(object),
       "validation_fraction": 0.1,
       "test_fraction": 0.0,
+      # k-fold cross-validation: num_folds K >= 2 validates on fold `fold` (0..K-1) of the non-test images
+      "num_folds": 0,
+      "fold": 0,
       "border_sigma": 5.0,
       "tfds_data_dir": config_dict.placeholder(str),
       "train_split": "train",

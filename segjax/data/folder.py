@@ -118,8 +118,18 @@ def _read_stems(path: str, split: str) -> tuple[str, ...]:
     return tuple(os.path.splitext(os.path.basename(line.strip()))[0] for line in f if line.strip())
 
 
+FOLD_SEED = 12345
+"""Seed of the permutation that deals the images into cross-validation folds (fixed: folds are stable)."""
+
+
 def assign_splits(
-  stems: list[str], *, split_files: Mapping[str, str] | None, validation_fraction: float, test_fraction: float
+  stems: list[str],
+  *,
+  split_files: Mapping[str, str] | None,
+  validation_fraction: float,
+  test_fraction: float,
+  num_folds: int = 0,
+  fold: int = 0,
 ) -> dict[str, tuple[str, ...]]:
   """Split name -> stems, from list files or from fractions of the sorted stems.
 
@@ -128,9 +138,20 @@ def assign_splits(
   of ``n_val`` equal parts of the list, test likewise among those left; the rest train. So no split is
   empty that a positive fraction asks for, and the two fractions do not compete for the same stems.
 
+  With ``num_folds`` K > 1 (k-fold cross-validation, nnU-Net's 5-fold default), the test stems are taken as above
+  and the others are dealt into K folds of a fixed permutation (:data:`FOLD_SEED`; fold sizes differ by at most
+  one): fold ``fold`` validates, the other K - 1 train, and ``validation_fraction`` is not used. The folds of one
+  folder partition its non-test images and do not change between runs.
+
     Raises:
       SegjaxError: for a fraction outside [0, 1) or fractions that leave no training image, naming the keys.
   """
+  if num_folds and (not isinstance(num_folds, int) or num_folds < 2):
+    raise SegjaxError(f"data.num_folds must be 0 (no folds) or an integer >= 2, got {num_folds!r}.")
+  if num_folds and not (isinstance(fold, int) and 0 <= fold < num_folds):
+    raise SegjaxError(f"data.fold must be one of 0..{num_folds - 1} (data.num_folds={num_folds}), got {fold!r}.")
+  if split_files and num_folds:
+    raise SegjaxError("data.num_folds deals the images into folds itself; unset data.split_files or data.num_folds.")
   if split_files:
     splits = {split: _read_stems(path, split) for split, path in split_files.items()}
     if bad := [s for s in splits if s not in SPLITS]:
@@ -145,6 +166,19 @@ def assign_splits(
       raise SegjaxError(f"data.{key} must be in [0, 1), got {value}.")
   ordered = sorted(stems)
   n = len(ordered)
+  if num_folds:
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    if n - n_test < num_folds:
+      raise SegjaxError(
+        f"data.num_folds={num_folds} needs at least {num_folds} images besides the {n_test} test images; "
+        f"the folder has {n}. Lower data.num_folds."
+      )
+    test = _spread(ordered, n_test)
+    rest = [stem for stem in ordered if stem not in set(test)]
+    order = np.random.default_rng(FOLD_SEED).permutation(len(rest))
+    validation = tuple(sorted(rest[i] for position, i in enumerate(order) if position % num_folds == fold))
+    taken = set(validation) | set(test)
+    return {"train": tuple(s for s in ordered if s not in taken), "validation": validation, "test": test}
   n_val, n_test = (max(1, round(n * f)) if f > 0 else 0 for f in (validation_fraction, test_fraction))
   if n_val + n_test >= n:
     raise SegjaxError(
@@ -216,6 +250,8 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
     split_files=parse_pairs(data.get("split_files"), "data.split_files"),
     validation_fraction=float(data.get("validation_fraction", 0.1)),
     test_fraction=float(data.get("test_fraction", 0.0)),
+    num_folds=data.get("num_folds") or 0,
+    fold=data.get("fold", 0),
   )
   logging.info("folder %s: %s", data["image_dir"], ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
   settings = {
