@@ -356,3 +356,17 @@ def test_bad_fold_settings_name_the_key(kwargs, message):
   args = {"split_files": None, "validation_fraction": 0.1, "test_fraction": 0.0, **kwargs}
   with pytest.raises(SegjaxError, match=message):
     assign_splits([f"s{i}" for i in range(8)], **args)
+
+
+def test_binary_masks_saved_as_0_and_255_need_no_mask_values(tmp_path):
+  from segjax.data.folder import folder_config
+
+  root = tmp_path / "data"
+  _write_folder(root, [(12, 10)] * 3)  # masks hold 0, 255 and one "unlabelled" 7
+  base = {"name": "segmentation_folder", "image_dir": str(root / "images"), "mask_dir": str(root / "masks")}
+  assert folder_config({**base, "ignore_value": 7}).mask_values == ((0, 0), (255, 1))
+  assert folder_config(base).mask_values == ()  # 7 is neither 0 nor 255: values stay class ids, 7 is refused later
+  assert folder_config({**base, "ignore_value": 7, "num_classes": 3}).mask_values == ()
+  dataset = load_dataset(_config(**base, ignore_value=7, validation_fraction=0.34, tfds_data_dir=str(tmp_path / "t")))
+  mask = dataset.split("train")[0]["mask"][..., 0]
+  assert set(np.unique(mask)) == {0, 1, IGNORE_LABEL} and mask[0, 0] == 1

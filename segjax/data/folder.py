@@ -221,6 +221,26 @@ def _mask_value_pairs(mask_values: Any) -> tuple[tuple[int, int], ...]:
     ) from e
 
 
+BINARY_255 = ((0, 0), (255, 1))
+
+
+def _detected_mask_values(masks: dict[str, str], num_classes: int, data: Mapping[str, Any]) -> tuple:
+  """``((0, 0), (255, 1))`` for a 2-class folder whose masks hold 0 and 255 (the common binary export), judged from
+  up to 16 masks spread over the sorted names; else ``()`` (values are class ids: 0/1 masks, palette and 1-bit PNGs).
+  A later mask with other values is still refused while preparing, naming the file and value."""
+  if num_classes != 2 or not masks:
+    return ()
+  paths = [masks[s] for s in sorted(masks)]
+  sample = paths[:: max(1, len(paths) // 16)][:16]
+  seen = set().union(*(np.unique(read_label(p)).tolist() for p in sample)) - {data.get("ignore_value")}
+  if 255 in seen and seen <= {0, 255}:
+    logging.info(
+      "masks in %s hold 0 and 255: mapped to classes 0 and 1 (set data.mask_values to change)", data["mask_dir"]
+    )
+    return BINARY_255
+  return ()
+
+
 def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   """Checks the folders and builds the builder config from the ``data`` config section.
 
@@ -242,7 +262,7 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   if num_channels not in (1, 3):
     raise SegjaxError(f"data.num_channels must be 1 or 3, got {num_channels}.")
   num_classes = int(data.get("num_classes") or 2)
-  mask_values = _mask_value_pairs(data.get("mask_values"))
+  mask_values = _mask_value_pairs(data.get("mask_values")) or _detected_mask_values(masks, num_classes, data)
   if bad := [c for _, c in mask_values if not 0 <= c < num_classes]:
     raise SegjaxError(f"data.mask_values maps to class {bad[0]}, outside 0..{num_classes - 1} (data.num_classes).")
   splits = assign_splits(
