@@ -370,3 +370,35 @@ def test_binary_masks_saved_as_0_and_255_need_no_mask_values(tmp_path):
   dataset = load_dataset(_config(**base, ignore_value=7, validation_fraction=0.34, tfds_data_dir=str(tmp_path / "t")))
   mask = dataset.split("train")[0]["mask"][..., 0]
   assert set(np.unique(mask)) == {0, 1, IGNORE_LABEL} and mask[0, 0] == 1
+
+
+def test_per_split_folders_are_read_without_lists_or_links(tmp_path):
+  root = tmp_path / "camvid"
+  rng = np.random.default_rng(3)
+  written = {}
+  for folder, count in (("train", 3), ("val", 2)):  # the same names in both splits, different pixels
+    for kind in (folder, folder + "annot"):
+      (root / kind).mkdir(parents=True)
+    for i in range(count):
+      image = rng.integers(0, 255, (9, 11), dtype=np.uint8)
+      Image.fromarray(image).save(root / folder / f"f{i}.png")
+      Image.fromarray((image > 128).astype(np.uint8)).save(root / (folder + "annot") / f"f{i}.png")
+      written[folder, f"f{i}"] = image
+  config = _config(
+    name="segmentation_folder",
+    image_dir=str(root / "{split}"),
+    mask_dir=str(root / "{split}annot"),
+    tfds_data_dir=str(tmp_path / "tfds"),
+  )
+  dataset = load_dataset(config)
+  assert (len(dataset.split("train")), len(dataset.split("validation"))) == (3, 2)
+  assert "test" not in dataset.splits
+  for split, folder in (("train", "train"), ("validation", "val")):
+    for example in dataset.split(split):
+      image = written[folder, _name(example)]
+      np.testing.assert_array_equal(example["image"][..., 0], image)
+      np.testing.assert_array_equal(example["mask"][..., 0], image > 128)
+  with pytest.raises(SegjaxError, match="so data.mask_dir must too"):
+    load_dataset(_config(**{**config.to_dict(), "mask_dir": str(root / "trainannot")}))
+  with pytest.raises(SegjaxError, match="it needs at least a train folder"):
+    load_dataset(_config(**{**config.to_dict(), "image_dir": str(root / "x{split}")}))

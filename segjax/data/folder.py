@@ -44,6 +44,8 @@ class FolderConfig(tfds.core.BuilderConfig):
     sixteen_bit: store 16-bit images (set when any grayscale image is 16-bit).
     splits: (split, stems) pairs.
     border_sigma: sigma of the border weight term in pixels.
+    split_dirs: for data sets shipped as per-split folders, (split, image_dir, mask_dir, instance_dir) of each
+      split, read instead of the three folders above; empty otherwise.
   """
 
   image_dir: str = ""
@@ -56,6 +58,11 @@ class FolderConfig(tfds.core.BuilderConfig):
   sixteen_bit: bool = False
   splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
   border_sigma: float = 5.0
+  split_dirs: tuple[tuple[str, str, str, str], ...] = ()
+
+
+SPLIT_FOLDER_NAMES = {"train": ("train",), "validation": ("validation", "val", "valid"), "test": ("test",)}
+"""Folder names tried for each split when ``data.image_dir`` holds ``{split}`` (e.g. CamVid's train/ val/ test/)."""
 
 
 def map_mask(mask: np.ndarray, config: FolderConfig, path: str) -> np.ndarray:
@@ -96,12 +103,16 @@ class SegmentationFolder(SegmentationBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
     del dl_manager  # the folders are given by the config
-    return {split: self._generate_examples(stems) for split, stems in self.builder_config.splits if stems}
+    return {split: self._generate_examples(split, stems) for split, stems in self.builder_config.splits if stems}
 
-  def _generate_examples(self, stems: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(self, split: str, stems: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
     config = self.builder_config
-    images, masks = images_by_stem(config.image_dir), images_by_stem(config.mask_dir)
-    instance_files = images_by_stem(config.instance_dir) if config.instance_dir else {}
+    dirs = dict((s, d) for s, *d in config.split_dirs).get(
+      split, (config.image_dir, config.mask_dir, config.instance_dir)
+    )
+    image_dir, mask_dir, instance_dir = dirs
+    images, masks = images_by_stem(image_dir), images_by_stem(mask_dir)
+    instance_files = images_by_stem(instance_dir) if instance_dir else {}
     for key, stem in enumerate(stems):
       image = read_image(images[stem], config.num_channels)
       if image.dtype == np.uint8 and config.sixteen_bit:
@@ -251,6 +262,8 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   for key in ("image_dir", "mask_dir"):
     if not data.get(key):
       raise SegjaxError(f"config key data.{key} is not set; point it at the folder of {key.split('_')[0]}s.")
+  if "{split}" in data["image_dir"]:
+    return _split_folders_config(data)
   images = images_by_stem(data["image_dir"])
   masks = images_by_stem(data["mask_dir"])
   instance_dir = data.get("instance_dir") or ""
@@ -289,3 +302,45 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   files = sorted(images.values()) + sorted(masks.values()) + sorted(instances.values())
   digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + files_fingerprint(files)).encode()).hexdigest()[:16]
   return FolderConfig(name=f"f{digest}", description=f"images {settings['image_dir']}", **settings)
+
+
+def _split_folders_config(data: Mapping[str, Any]) -> FolderConfig:
+  """:func:`folder_config` of a data set shipped as one folder per split: ``data.image_dir`` (and ``mask_dir``,
+  ``instance_dir``) hold ``{split}``, filled in with the names of :data:`SPLIT_FOLDER_NAMES`
+  (``--config.data.image_dir=/data/camvid/{split} --config.data.mask_dir=/data/camvid/{split}annot``)."""
+  templates = {key: data.get(key) or "" for key in ("image_dir", "mask_dir", "instance_dir")}
+  if bad := [key for key in ("mask_dir", "instance_dir") if templates[key] and "{split}" not in templates[key]]:
+    raise SegjaxError(f"data.image_dir holds {{split}}, so data.{bad[0]} must too (e.g. '.../{{split}}annot').")
+  if data.get("split_files") or data.get("num_folds"):
+    raise SegjaxError(
+      "per-split folders ({split} in data.image_dir) are the split; unset data.split_files / num_folds."
+    )
+  dirs, splits, singles = [], {}, {}
+  for split, names in SPLIT_FOLDER_NAMES.items():
+    name = next((n for n in names if os.path.isdir(templates["image_dir"].format(split=n))), None)
+    if name is None:
+      continue
+    split_data = {**data, **{k: t.format(split=name) for k, t in templates.items()}, "split_files": None}
+    single = folder_config({**split_data, "validation_fraction": 0.0, "test_fraction": 0.0})
+    dirs.append((split, single.image_dir, single.mask_dir, single.instance_dir))
+    splits[split], singles[split] = dict(single.splits)["train"], single
+  if "train" not in splits:
+    tried = templates["image_dir"].format(split="train")
+    raise SegjaxError(f"data.image_dir holds {{split}} but '{tried}' does not exist; it needs at least a train folder.")
+  base = {key: getattr(singles["train"], key) for key in _SHARED}  # mask values as the train folder's
+  settings = {
+    **base,
+    "image_dir": templates["image_dir"],
+    "mask_dir": templates["mask_dir"],
+    "instance_dir": templates["instance_dir"],
+    "splits": tuple((s, splits.get(s, ())) for s in SPLITS),
+    "split_dirs": tuple(dirs),
+    "sixteen_bit": any(single.sixteen_bit for single in singles.values()),
+  }
+  logging.info("split folders %s: %s", templates["image_dir"], ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
+  files = [p for _, *ds in dirs for d in ds if d for p in sorted(images_by_stem(d).values())]
+  digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + files_fingerprint(files)).encode()).hexdigest()[:16]
+  return FolderConfig(name=f"f{digest}", description=f"images {templates['image_dir']}", **settings)
+
+
+_SHARED = ("mask_values", "ignore_value", "num_classes", "num_channels", "border_sigma")
