@@ -96,3 +96,27 @@ def test_import_modules_names_the_module_that_cannot_be_imported():
   import_modules(["json"])
   with pytest.raises(SegjaxError, match="cannot import module 'no_such_module_xyz' \\(config key imports\\)"):
     import_modules(["no_such_module_xyz"])
+
+
+def test_a_model_class_states_its_own_geometry():
+  import flax.linen as nn
+
+  from segjax.models.geometry import Geometry, model_geometry
+
+  class Cropping(nn.Module):
+    depth: int = 2
+
+    @nn.nowrap
+    def geometry(self, multiple: int = 1) -> Geometry:
+      return Geometry(margin=3, fit=lambda n: n + n % 2, align=4)
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+      return x[:, 3:-3, 3:-3]
+
+  geometry = model_geometry(Cropping(), multiple=16)
+  assert (geometry.margin, geometry.input_size_for_output(9), geometry.align) == (3, 16, 4)  # 9 + 6 = 15 -> 16
+  unet = model_geometry(models.get_model("unet", num_classes=2, depth=3), multiple=16)
+  assert (unet.margin, unet.input_size_for_output(100), unet.align) == (0, 112, 8)
+  valid = model_geometry(models.get_model("unet_valid", num_classes=2), multiple=16)
+  assert (valid.margin, valid.input_size_for_output(388), valid.align) == (92, 572, 16)

@@ -1,7 +1,9 @@
 """How a model's output size relates to its input size, for choosing training tiles and padding whole images.
 
 Same-padded models (``unet``, ``resunet``, the ResNet-encoder U-Nets) keep the input size; the unpadded U-Net of the
-paper (``unet_valid``) loses a fixed ``margin`` at each border and takes only certain sizes.
+paper (``unet_valid``) loses a fixed ``margin`` at each border and takes only certain sizes. A model class states its
+own rules with a ``geometry(multiple)`` method (``@nn.nowrap``, so it works unbound) returning a :class:`Geometry`,
+as ``UNetValid`` does; models without one are same-padded.
 """
 
 import dataclasses
@@ -9,8 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-
-from segjax.models import unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +40,16 @@ def _round_up(size: int, multiple: int) -> int:
 
 
 def model_geometry(model: nn.Module, *, multiple: int = 1) -> Geometry:
-  """The geometry of ``model``; same-padded inputs are rounded up to ``multiple`` (fewer distinct shapes compile).
+  """The geometry of ``model``: its class's ``geometry(multiple)`` where it has one, else that of a same-padded model
+  whose inputs are rounded up to ``multiple`` (fewer distinct shapes compile) and aligned to ``2 ** model.depth``."""
+  if callable(rules := getattr(type(model), "geometry", None)):
+    return rules(model, multiple)
+  return same_padded(multiple, getattr(model, "depth", 0))
 
-  For the unpadded U-Net of depth d, output = input - 2 * margin with margin = (smallest valid input - its output)/2
-  (92 for d = 4: 572 -> 388) for every valid input; inputs are rounded up to the next valid size.
-  """
-  if isinstance(model, unet.UNetValid):
-    depth = model.depth
-    smallest = unet.smallest_valid_input_size(depth)
-    margin = (smallest - unet.valid_output_size(smallest, depth)) // 2
-    return Geometry(margin=margin, fit=lambda n: unet.next_valid_input_size(n, depth), align=2**depth)
-  return Geometry(margin=0, fit=lambda n: _round_up(n, multiple), align=2 ** getattr(model, "depth", 0))
+
+def same_padded(multiple: int, depth: int) -> Geometry:
+  """A model that keeps its input size: inputs rounded up to ``multiple``, pooling grid ``2 ** depth``."""
+  return Geometry(margin=0, fit=lambda n: _round_up(n, multiple), align=2**depth)
 
 
 def eval_geometry(model: nn.Module, data_config: Any) -> Geometry:

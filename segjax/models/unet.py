@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
+from segjax.models.geometry import Geometry
 from segjax.models.layers import (
   DoubleConv,
   ResidualDoubleConv,
@@ -227,6 +228,16 @@ class UNetValid(nn.Module):
     )
 
   @nn.compact
+  @nn.nowrap
+  def geometry(self, multiple: int = 1) -> Geometry:
+    """Output = input - 2 * margin for every valid input, with margin = (smallest valid input - its output) / 2
+    (92 for depth 4: 572 -> 388); inputs are rounded up to the next valid size (``multiple`` does not apply)."""
+    del multiple
+    depth = self.depth
+    smallest = smallest_valid_input_size(depth)
+    margin = (smallest - valid_output_size(smallest, depth)) // 2
+    return Geometry(margin=margin, fit=lambda n: next_valid_input_size(n, depth), align=2**depth)
+
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """Per-pixel logits of the centre of the input tile.
 
