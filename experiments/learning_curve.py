@@ -16,12 +16,12 @@ import os
 import numpy as np
 from absl import app, flags
 
-from segjax import checkpoint
 from segjax.data import data_root
 from segjax.data.io import read_image, read_label
 from segjax.inference import load_predictor
 from segjax.metrics import isbi_challenge_errors
 from segjax.tiling import Tiling
+from segjax.train import checkpoint
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs of isbi2012 training runs.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output path without extension.", required=True)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from segjax import checkpoint, viz
+from segjax import viz
 from segjax.data.instance_targets import InstanceSettings
 from segjax.data.pipeline import normalize_image, pad_image_for_model
 from segjax.errors import SegjaxError
@@ -25,6 +25,7 @@ from segjax.models import create_model
 from segjax.models.geometry import Geometry, eval_geometry
 from segjax.registry import import_modules
 from segjax.tiling import Tiling, gaussian_weights, overlap_tile_plan, predict_tiled, predict_tiles, sliding_window_plan
+from segjax.train import checkpoint
 from segjax.train.optim import create_optimizer
 from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
 

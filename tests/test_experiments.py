@@ -143,11 +143,10 @@ def test_a_run_with_ema_evaluates_and_predicts_with_the_averaged_weights(trained
   import jax
   import orbax.checkpoint as ocp
 
-  from segjax import checkpoint
   from segjax.data import load_dataset
   from segjax.inference import load_predictor
   from segjax.losses import softmax_cross_entropy
-  from segjax.train import parallel
+  from segjax.train import checkpoint, parallel
   from segjax.train.loop import evaluate
   from segjax.train.step import make_eval_step
 

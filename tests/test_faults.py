@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from segjax import checkpoint
+from segjax.train import checkpoint
 from segjax.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

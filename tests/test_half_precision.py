@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import tiny
-from segjax import checkpoint
 from segjax.inference import load_predictor
 from segjax.tiling import Tiling
+from segjax.train import checkpoint
 from segjax.train.loop import train_and_evaluate
 
 STEPS = 3

@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from segjax import checkpoint
 from segjax.data.augment import make_augment_fn
 from segjax.errors import SegjaxError
 from segjax.losses import softmax_cross_entropy
 from segjax.models import get_model
+from segjax.train import checkpoint
 from segjax.train.optim import create_optimizer, create_schedule
 from segjax.train.state import create_train_state
 from segjax.train.step import make_eval_step, make_train_step

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from segjax import checkpoint, viz
+from segjax import viz
 from segjax.data import DATASETS, Dataset, load_dataset
 from segjax.data.augment import make_augment_fn
 from segjax.data.instance_targets import InstanceSettings, with_instance_targets
@@ -44,7 +44,7 @@ from segjax.models import create_model, get_model
 from segjax.models.geometry import Geometry, eval_geometry, model_geometry
 from segjax.registry import import_modules
 from segjax.tiling import TTA_TRANSFORMS, tta_log_probabilities
-from segjax.train import parallel
+from segjax.train import checkpoint, parallel
 from segjax.train.evaluators import (
   best_over_thresholds,
   check_evaluators,
