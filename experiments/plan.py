@@ -3,6 +3,8 @@
   python -m experiments.plan --image_dir=/data/mine/images --mask_dir=/data/mine/masks --time_budget=30m \
       --output=configs/mine.py
   python -m experiments.train --config=configs/mine.py --workdir=runs/mine
+  python -m experiments.plan --image_dir=... --mask_dir=... --time_budget=4h --output=configs/mine.py \
+      --workdir=runs/mine   # plan and train in one command
 
 It reads the folder's fingerprint (sizes, channels, bit depth, intensities, mask values and class frequencies,
 objects and how many touch; `segjax.plan.fingerprint_folder`), prints it and saves it beside the config
@@ -14,6 +16,7 @@ planned value with its reason as a comment) that starts from ``experiments/confi
 override it on the command line like any other.
 """
 
+import importlib.util
 import json
 import os
 import time
@@ -27,6 +30,7 @@ from segjax import benchmark, plan
 from segjax.errors import SegjaxError
 from segjax.losses import get_loss
 from segjax.models import get_model
+from segjax.train.loop import train_and_evaluate
 from segjax.train.optim import create_optimizer
 from segjax.train.state import create_train_state
 from segjax.train.step import make_train_step
@@ -36,6 +40,7 @@ _MASK_DIR = flags.DEFINE_string("mask_dir", None, "Folder of masks with the same
 _INSTANCE_DIR = flags.DEFINE_string("instance_dir", None, "Optional folder of instance-id maps with the same names.")
 _BUDGET = flags.DEFINE_string("time_budget", "30m", "Training time to plan for: 30m, 4h, 600s.")
 _OUTPUT = flags.DEFINE_string("output", None, "Config file to write (e.g. configs/mine.py).", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Also train the plan now, into this workdir (one command).")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 3, "Train steps timed after the first (compiling) one.")
 
 
@@ -141,6 +146,16 @@ def main(argv: list[str]) -> None:
       f"cannot write the plan to '{_OUTPUT.value}' ({e.strerror or e}); pass a writable --output."
     ) from e
   print(f"wrote {_OUTPUT.value}; train it with: python -m experiments.train --config={_OUTPUT.value} --workdir=<dir>")
+  if _WORKDIR.value:
+    train_and_evaluate(load_config_file(_OUTPUT.value), _WORKDIR.value)
+
+
+def load_config_file(path: str):
+  """``get_config()`` of the config file at ``path``."""
+  spec = importlib.util.spec_from_file_location("planned_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 if __name__ == "__main__":

@@ -158,3 +158,29 @@ def test_a_written_plan_loads_and_trains(tmp_path):
   )
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert "instance_ap" in trained.stdout
+
+
+def test_plan_and_train_in_one_command_fits_the_budget(tmp_path):
+  import json
+
+  _write(tmp_path / "data", [(40, 40)] * 6)
+  workdir = tmp_path / "run"
+  result = _run(
+    "experiments.plan",
+    f"--image_dir={tmp_path / 'data' / 'images'}",
+    f"--mask_dir={tmp_path / 'data' / 'masks'}",
+    "--time_budget=20s",
+    f"--output={tmp_path / 'mine.py'}",
+    f"--workdir={workdir}",
+    "--timed_steps=3",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / "metrics.jsonl") as f:
+    train = [r for r in map(json.loads, f) if r.get("split") == "train"]
+  planned = int(
+    next(line for line in (tmp_path / "mine.py").read_text().splitlines() if "num_train_steps" in line)
+    .split("=")[1]
+    .split("#")[0]
+  )
+  assert train[-1]["step"] == planned >= 10
+  assert train[-1]["train_seconds"] < 60  # the planned steps take about the budget (20 s), not minutes
