@@ -19,7 +19,7 @@ the instance scores of the watershed and, as ``<metric>/components``, of the con
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import synthetic_cells
+from experiments.configs import default
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -28,7 +28,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variant = variant or "semantic"
   if variant not in ("semantic", "contour", "distance"):
     raise ValueError(f"unknown dsb2018_unet variant '{variant}'; use semantic, contour or distance.")
-  config = synthetic_cells.get_config()
+  config = default.get_config()
   config.data = ml_collections.ConfigDict(
     {
       "name": "dsb2018",

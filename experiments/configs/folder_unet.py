@@ -17,12 +17,12 @@ and predict with all of them: ``experiments.predict --workdir=runs/mydata_folds`
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import synthetic_cells
+from experiments.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the config; ``data.image_dir`` and ``data.mask_dir`` must be set."""
-  config = synthetic_cells.get_config()
+  config = default.get_config()
   config.data = ml_collections.ConfigDict(
     {
       "name": "segmentation_folder",

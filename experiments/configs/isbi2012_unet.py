@@ -16,7 +16,7 @@ slices 25-29 are held out and scored with the challenge's pixel error and foregr
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import synthetic_cells
+from experiments.configs import default
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -24,7 +24,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variant = variant or "cpu"
   if variant not in ("cpu", "wide", "paper"):
     raise ValueError(f"unknown isbi2012_unet variant '{variant}'; use cpu, wide or paper.")
-  config = synthetic_cells.get_config()
+  config = default.get_config()
   config.data = ml_collections.ConfigDict(
     {
       "name": "isbi2012",

@@ -12,12 +12,12 @@ test split is scored at the end.
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import synthetic_cells
+from experiments.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the config."""
-  config = synthetic_cells.get_config()
+  config = default.get_config()
   config.data = ml_collections.ConfigDict(
     {
       "name": "oxford_iiit_pet",
