@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segjax import viz
@@ -26,8 +27,7 @@ from segjax.models.geometry import Geometry, eval_geometry
 from segjax.registry import import_modules
 from segjax.tiling import Tiling, gaussian_weights, overlap_tile_plan, predict_tiled, predict_tiles, sliding_window_plan
 from segjax.train import checkpoint
-from segjax.train.optim import create_optimizer
-from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
+from segjax.train.state import TrainState, compute_dtype
 
 _whole = jax.jit(predict_tiles, static_argnames=("tta", "output"))
 
@@ -275,25 +275,33 @@ def load_predictor(workdir: str, step: int | None = None, *, tuned: bool = True)
   import_modules(config.get("imports", ()))  # modules that registered the run's model, loss, ...
   info = config.dataset_info
   model = create_model(config.model, model_outputs(config.loss, info.num_classes), dtype=compute_dtype(config))
-  tx = create_optimizer(config.optimizer, config.num_train_steps)
   geometry = eval_geometry(model, config.data)
   side = geometry.input_size_for_output(32)
-  loss_scale = LossScale.create() if compute_dtype(config) == jnp.float16 else None
-  # The restore target only needs shapes: build it abstractly instead of initialising the model.
-  template = jax.eval_shape(
-    lambda: create_train_state(
-      jax.random.PRNGKey(0),
-      model,
-      tx,
-      (1, side, side, info.num_channels),
-      ema=config.get("ema_decay", 0.0) > 0,
-      loss_scale=loss_scale,
-    )
+  # Prediction needs the weights and BatchNorm statistics only (the EMA's when the run kept one, as its evaluation
+  # used them): their shapes come from the model alone, and the optimizer state is never read.
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, info.num_channels)), train=False)
   )
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  state = checkpoint.restore_state(manager, template, step)
-  manager.close()
   devices = tuple(jax.local_devices())
-  # A run with EMA was evaluated with the averaged weights: predict with them too.
-  state = jax.device_put(state.for_eval(), NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec()))
+  replicated = NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec())
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  params, batch_stats = checkpoint.restore_variables(
+    manager,
+    variables["params"],
+    variables.get("batch_stats", {}),
+    step,
+    ema=config.get("ema_decay", 0.0) > 0,
+    sharding=replicated,
+  )
+  manager.close()
+  state = TrainState(
+    step=np.int32(step),
+    apply_fn=model.apply,
+    params=params,
+    tx=optax.identity(),
+    opt_state=(),
+    batch_stats=batch_stats,
+    rng=np.zeros(2, np.uint32),
+  )
+  state = jax.device_put(state, replicated)
   return Predictor(config=config, state=state, step=step, geometry=geometry, devices=devices)

@@ -227,7 +227,6 @@ class UNetValid(nn.Module):
       name=name,
     )
 
-  @nn.compact
   @nn.nowrap
   def geometry(self, multiple: int = 1) -> Geometry:
     """Output = input - 2 * margin for every valid input, with margin = (smallest valid input - its output) / 2
@@ -238,6 +237,7 @@ class UNetValid(nn.Module):
     margin = (smallest - valid_output_size(smallest, depth)) // 2
     return Geometry(margin=margin, fit=lambda n: next_valid_input_size(n, depth), align=2**depth)
 
+  @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """Per-pixel logits of the centre of the input tile.
 

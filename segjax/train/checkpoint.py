@@ -195,6 +195,51 @@ def restore_state(manager: ocp.CheckpointManager, template: TrainState, step: in
   return serialization.from_state_dict(template, _fill_empty(target, restored["state"]))
 
 
+def restore_variables(
+  manager: ocp.CheckpointManager,
+  params: Any,
+  batch_stats: Any,
+  step: int | None = None,
+  *,
+  ema: bool = False,
+  sharding: jax.sharding.Sharding | None = None,
+) -> tuple[Any, Any]:
+  """Restores only the model variables of the state saved at ``step`` (default: the latest): ``(params,
+  batch_stats)`` shaped like the given (abstract) trees, or with ``ema`` the exponential moving average of both.
+  The optimizer state, RNG and loss scale are not read, so no optimizer is needed (prediction, export).
+
+  Raises:
+    SegjaxError: naming the directory when the checkpoint's variables do not fit the given trees.
+  """
+  step = manager.latest_step() if step is None else step
+  variables = {"params": params, **({"batch_stats": batch_stats} if jax.tree_util.tree_leaves(batch_stats) else {})}
+
+  def abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  target = jax.tree_util.tree_map(abstract, serialization.to_state_dict(variables))
+  target = {"ema": target} if ema else target
+  try:
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+      ),
+    )["state"]
+  except (ValueError, KeyError) as e:
+    raise SegjaxError(
+      f"the checkpoint at step {step} in '{manager.directory}' holds no model variables of this model's shapes "
+      f"({type(e).__name__}: {str(e)[:200]}); predict with the config it was trained with."
+    ) from e
+  restored = restored["ema"] if ema else restored
+  params = serialization.from_state_dict(params, restored["params"])
+  if "batch_stats" in variables:
+    batch_stats = serialization.from_state_dict(batch_stats, restored["batch_stats"])
+  return params, batch_stats
+
+
 def _structure_mismatch(error: Exception) -> bool:
   """Whether Orbax refused a restore because the saved tree differs from the target (not because of bad files)."""
   return isinstance(error, ValueError) and "structure" in str(error).lower()
