@@ -436,3 +436,24 @@ def test_exported_predictor_reloads_in_a_fresh_process_without_segjax(trained, t
   )
   assert reloaded.returncode == 0, reloaded.stderr[-3000:]
   np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)  # batch sizes 1 and 2
+
+
+def test_prediction_restores_the_model_variables_without_building_an_optimizer(trained, monkeypatch):
+  import jax
+
+  from segjax.errors import SegjaxError
+  from segjax.inference import load_predictor
+  from segjax.train import checkpoint, optim
+
+  workdir, _ = trained
+  reference = load_predictor(workdir)
+  monkeypatch.setattr(optim, "OPTIMIZERS", optim.Registry("optimizer", "optimizer.name"))  # no optimizer exists
+  predictor = load_predictor(workdir)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, predictor.state.params, reference.state.params)
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  wrong = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct((*x.shape[:-1], x.shape[-1] + 1), x.dtype), reference.state.params
+  )
+  with pytest.raises(SegjaxError, match="holds no model variables of this model's shapes"):
+    checkpoint.restore_variables(manager, wrong, reference.state.batch_stats, ema=True)
+  manager.close()

@@ -234,6 +234,13 @@ def restore_variables(
       f"({type(e).__name__}: {str(e)[:200]}); predict with the config it was trained with."
     ) from e
   restored = restored["ema"] if ema else restored
+  wanted = jax.tree_util.tree_map(lambda x: x.shape, target["ema"] if ema else target)
+  found = jax.tree_util.tree_map(lambda x: x.shape, restored)
+  if found != wanted:
+    raise SegjaxError(
+      f"the checkpoint at step {step} in '{manager.directory}' holds no model variables of this model's shapes; "
+      "predict with the config it was trained with."
+    )
   params = serialization.from_state_dict(params, restored["params"])
   if "batch_stats" in variables:
     batch_stats = serialization.from_state_dict(batch_stats, restored["batch_stats"])
