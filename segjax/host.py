@@ -72,10 +72,25 @@ def safe_cpu_xla_flags(flags: str) -> str:
   return f"{flags} {SAFE_SCHEDULER_FLAG}".strip() if count > 1 and not chosen else flags
 
 
-def use_safe_cpu_scheduler(environ: MutableMapping[str, str] = os.environ) -> None:
-  """Applies :func:`safe_cpu_xla_flags` to ``environ['XLA_FLAGS']``. XLA reads the variable when JAX first creates
-  its backends, so this works if called before any computation (``import segjax`` does)."""
-  if "XLA_FLAGS" in environ:
+SCHEDULER_FLAG_JAXLIB = ("0.10.",)
+"""jaxlib versions known to have :data:`SAFE_SCHEDULER_FLAG` (the pinned one); XLA aborts on a flag it does not know,
+so for other versions ``XLA_FLAGS`` is left alone."""
+
+
+def use_safe_cpu_scheduler(environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | None = None) -> None:
+  """Applies :func:`safe_cpu_xla_flags` to ``environ['XLA_FLAGS']`` for the jaxlib versions of
+  :data:`SCHEDULER_FLAG_JAXLIB`. XLA reads the variable when JAX first creates its backends, so this works if called
+  before any computation (``import segjax`` does)."""
+  if "XLA_FLAGS" not in environ:
+    return
+  if jaxlib_version is None:
+    from importlib import metadata
+
+    try:
+      jaxlib_version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+      return
+  if jaxlib_version.startswith(SCHEDULER_FLAG_JAXLIB):
     environ["XLA_FLAGS"] = safe_cpu_xla_flags(environ["XLA_FLAGS"])
 
 

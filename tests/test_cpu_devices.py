@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from segjax.host import SAFE_SCHEDULER_FLAG, safe_cpu_xla_flags
+from segjax.host import SAFE_SCHEDULER_FLAG, safe_cpu_xla_flags, use_safe_cpu_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +31,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
 def test_the_safe_scheduler_is_chosen_only_for_several_cpu_devices(flags, expected):
   assert safe_cpu_xla_flags(flags) == expected
+
+
+def test_other_jaxlib_versions_are_left_alone():
+  flags = "--xla_force_host_platform_device_count=2"
+  environ = {"XLA_FLAGS": flags}
+  use_safe_cpu_scheduler(environ, jaxlib_version="0.99.0")  # a version whose XLA may not know the flag
+  assert environ == {"XLA_FLAGS": flags}
+  use_safe_cpu_scheduler(environ, jaxlib_version="0.10.2")
+  assert environ == {"XLA_FLAGS": f"{flags} {SAFE_SCHEDULER_FLAG}"}
 
 
 def test_importing_segjax_applies_it_before_jax_starts():
