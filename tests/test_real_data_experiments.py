@@ -189,7 +189,6 @@ def test_folder_unet_learns_contour_targets_from_an_instance_dir_by_flags_alone(
 
 def _tune_and_check(workdir, tmp_path):
   """experiments.tune_instances picks the grid's best validation AP, writes it, and predict applies it."""
-  from experiments.tune_instances import mean_scores
   from segjax.data import load_dataset
   from segjax.inference import load_predictor
   from segjax.instances import instances_from_predictions
@@ -226,9 +225,9 @@ def _tune_and_check(workdir, tmp_path):
   assert by_setting[(0.2, 3000)] == 0.0  # larger than the image: nothing kept, nothing right
   applied = load_predictor(workdir).instances
   assert (applied.marker_threshold, applied.min_size, applied.foreground_threshold) == (*chosen, 0.3)
-  assert mean_scores(applied, list(zip(probabilities, truths, strict=True)))["instance_ap"] == pytest.approx(
-    by_setting[chosen], abs=1e-9
-  )
+  pairs = zip(probabilities, truths, strict=True)
+  applied_aps = [instance_average_precision(applied.to_instances(p), t) for p, t in pairs]
+  assert float(np.mean(applied_aps)) == pytest.approx(by_setting[chosen], abs=1e-9)
   with open(os.path.join(workdir, "instances.json"), "w") as f:
     f.write('{"settings": {"marker_treshold": 0.5}}')
   with pytest.raises(Exception, match="instances.json is not a tune_instances result"):
