@@ -55,8 +55,10 @@ def test_the_default_unet_trains_to_completion_on_several_cpu_devices(tmp_path, 
   workdir = tmp_path / "run"
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "3"}
   args = [
-    "--config=experiments/configs/synthetic_cells.py",
+    "--config=experiments/configs/tiny.py",  # tiny data, the default experiment's U-Net (depth 3, width 16)
     f"--workdir={workdir}",
+    "--config.model.kwargs.depth=3",
+    "--config.model.kwargs.base_width=16",
     f"--config.data.tfds_data_dir={tfds_dir}",
     "--config.num_train_steps=2",
     "--config.log_every_steps=1",
