@@ -45,7 +45,7 @@ def check_override_keys(argv: list[str], path: str, variant: str | None) -> None
   if not overrides:
     return
   try:
-    config = _load_config(path, variant)
+    config = load_config_file(path, variant)
   except Exception:  # noqa: BLE001 - the flag parser reports errors inside the file itself
     return
   for key in overrides:
@@ -60,7 +60,8 @@ def check_override_keys(argv: list[str], path: str, variant: str | None) -> None
       node, walked = node[part], [*walked, part]
 
 
-def _load_config(path: str, variant: str | None):
+def load_config_file(path: str, variant: str | None = None):
+  """``get_config()`` (or ``get_config(variant)``) of the config file at ``path``."""
   spec = importlib.util.spec_from_file_location("_segjax_checked_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -16,7 +16,6 @@ planned value with its reason as a comment) that starts from ``experiments/confi
 override it on the command line like any other.
 """
 
-import importlib.util
 import json
 import os
 import time
@@ -147,15 +146,7 @@ def main(argv: list[str]) -> None:
     ) from e
   print(f"wrote {_OUTPUT.value}; train it with: python -m experiments.train --config={_OUTPUT.value} --workdir=<dir>")
   if _WORKDIR.value:
-    train_and_evaluate(load_config_file(_OUTPUT.value), _WORKDIR.value)
-
-
-def load_config_file(path: str):
-  """``get_config()`` of the config file at ``path``."""
-  spec = importlib.util.spec_from_file_location("planned_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+    train_and_evaluate(cli.load_config_file(_OUTPUT.value), _WORKDIR.value)
 
 
 if __name__ == "__main__":

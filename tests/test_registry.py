@@ -120,3 +120,15 @@ def test_a_model_class_states_its_own_geometry():
   assert (unet.margin, unet.input_size_for_output(100), unet.align) == (0, 112, 8)
   valid = model_geometry(models.get_model("unet_valid", num_classes=2), multiple=16)
   assert (valid.margin, valid.input_size_for_output(388), valid.align) == (92, 572, 16)
+
+
+def test_an_ensemble_of_runs_of_other_data_is_refused():
+  from types import SimpleNamespace
+
+  from segjax.inference import Ensemble
+
+  two, three = SimpleNamespace(num_classes=2, num_channels=1), SimpleNamespace(num_classes=3, num_channels=1)
+  with pytest.raises(SegjaxError, match="workdir runs/b predicts 3 classes from 1 channels, the first 2 from 1"):
+    Ensemble([two, three], names=["runs/a", "runs/b"])
+  with pytest.raises(SegjaxError, match="an ensemble needs at least one trained workdir"):
+    Ensemble([])

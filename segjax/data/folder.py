@@ -300,8 +300,7 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
     "border_sigma": float(data.get("border_sigma", 5.0)),
   }
   files = sorted(images.values()) + sorted(masks.values()) + sorted(instances.values())
-  digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + files_fingerprint(files)).encode()).hexdigest()[:16]
-  return FolderConfig(name=f"f{digest}", description=f"images {settings['image_dir']}", **settings)
+  return _named_config(settings, files)
 
 
 def _split_folders_config(data: Mapping[str, Any]) -> FolderConfig:
@@ -339,8 +338,13 @@ def _split_folders_config(data: Mapping[str, Any]) -> FolderConfig:
   }
   logging.info("split folders %s: %s", templates["image_dir"], ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
   files = [p for _, *ds in dirs for d in ds if d for p in sorted(images_by_stem(d).values())]
+  return _named_config(settings, files)
+
+
+def _named_config(settings: dict[str, Any], files: list[str]) -> FolderConfig:
+  """The builder config named after a hash of its settings and of its files' names, sizes and times."""
   digest = hashlib.sha1((json.dumps(settings, sort_keys=True) + files_fingerprint(files)).encode()).hexdigest()[:16]
-  return FolderConfig(name=f"f{digest}", description=f"images {templates['image_dir']}", **settings)
+  return FolderConfig(name=f"f{digest}", description=f"images {settings['image_dir']}", **settings)
 
 
 _SHARED = ("mask_values", "ignore_value", "num_classes", "num_channels", "border_sigma")
