@@ -113,12 +113,11 @@ def run_jax(case: Case, dtype, peak: float) -> list[dict]:
   label_shape = (case.batch,) if case.classifier else shape[:3]
   batch = {"image": image, "label": jnp.asarray(rng.integers(0, case.classes, label_shape).astype(np.int32))}
 
-  def make_step():  # a new function each call: benchmark.model_flops traces it afresh
-    train_step = make_train_step(softmax_cross_entropy)
-    return jax.jit(lambda s, b: (_classifier_step if case.classifier else train_step)(s, b), donate_argnums=0)
-
-  flops = benchmark.model_flops(make_step, state, batch)  # before the step donates the state
-  step = make_step()
+  train_step = make_train_step(softmax_cross_entropy)
+  step = jax.jit(lambda s, b: (_classifier_step if case.classifier else train_step)(s, b), donate_argnums=0)
+  # FLOPs counted on the XLA form of the same model (benchmark.model_flops), before the step donates the state
+  xla_form = model.clone(kernels="xla")
+  flops = benchmark.model_flops(step, state.replace(apply_fn=xla_form.apply), batch)
   compile_s = benchmark.compile_time(step, state, batch)
   _, times, state = benchmark.time_steps(step, state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
   rows = [_row(case, "train", "segjax", compile_s, times, flops, peak)]
@@ -129,9 +128,9 @@ def run_jax(case: Case, dtype, peak: float) -> list[dict]:
     first, times, floor_state = benchmark.time_steps(step, floor_state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
     rows.append(_row(case, "train, kernels constant", "segjax", first - float(np.median(times)), times, None, peak))
     state = floor_state.replace(apply_fn=state.apply_fn)
-  make_infer = lambda: jax.jit(lambda s, x: (s, predict_logits(s, x)))  # noqa: E731
-  infer = make_infer()
-  compile_s, flops = benchmark.compile_time(infer, state, image), benchmark.model_flops(make_infer, state, image)
+  infer = jax.jit(lambda s, x: (s, predict_logits(s, x)))
+  compile_s = benchmark.compile_time(infer, state, image)
+  flops = benchmark.model_flops(infer, state.replace(apply_fn=xla_form.apply), image)
   _, times, _ = benchmark.time_steps(infer, state, image, steps=_STEPS.value, warmup=_WARMUP.value)
   rows.append(_row(case, "inference", "segjax", compile_s, times, flops, peak))
   return rows
@@ -286,20 +285,10 @@ def run_input(config) -> list[dict]:
   the compiled train step on one of them (augmentation included). The pipeline keeps up when its batches/s is well
   above the step's steps/s; the ratio is printed and stored as ``input_to_step_ratio``.
   """
-  from segjax.data import load_dataset
-  from segjax.data.augment import make_augment_fn
-  from segjax.losses import get_loss, model_outputs
-  from segjax.models import create_model
-  from segjax.train.loop import training_batches, training_geometry, validate_config, weight_map_of
-  from segjax.train.optim import create_optimizer
+  from segjax.train.setup import build
 
-  validate_config(config)
-  dataset = load_dataset(config.data)
-  train_source = dataset.split(config.data.train_split)
-  model = create_model(config.model, model_outputs(config.loss, dataset.num_classes))
-  geometry, crop_size = training_geometry(config, model, dataset, np.asarray(train_source[0]["image"]).shape)
-  weight_map = weight_map_of(config, dataset, train_source)
-  batches = training_batches(config, dataset, train_source, geometry, crop_size, weight_map)
+  experiment = build(config, devices=jax.devices()[:1])
+  batches = experiment.training_batches()
   first = next(batches)
   for _ in range(2 * config.data.num_threads):  # what the reader threads buffered while the first was built
     next(batches)
@@ -308,10 +297,9 @@ def run_input(config) -> list[dict]:
     next(batches)
   input_times = [(time.perf_counter() - start) / _INPUT_BATCHES.value]
 
-  tx = create_optimizer(config.optimizer, config.num_train_steps)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, (1, *first["image"].shape[1:]))
-  step = jax.jit(make_train_step(get_loss(config.loss), make_augment_fn(config.augment)), donate_argnums=0)
-  batch = jax.device_put(first)
+  # the loop's own compiled step (augmentation included) on the state it starts from
+  state, batch = experiment.initial_state(), experiment.place_batch(first)
+  step = experiment.train_step
   compile_s = benchmark.compile_time(step, state, batch)
   _, step_times, _ = benchmark.time_steps(step, state, batch, steps=_STEPS.value, warmup=_WARMUP.value)
   case = Case(f"input:{config.data.name}", config.model.name, {}, config.batch_size, 0, 0, 0, "")

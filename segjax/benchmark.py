@@ -1,6 +1,5 @@
 """Timing helpers for ``experiments.benchmark``: compiled-step timing, XLA's FLOP count, a matrix-multiply peak."""
 
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,23 +41,14 @@ def compile_time(jitted: Callable, *args) -> float:
   return time.perf_counter() - start
 
 
-def model_flops(make_jitted: Callable[[], Callable], *args) -> float | None:
-  """The FLOPs of one call of ``make_jitted()`` on ``args``, counted by XLA for the plain formulation of the model.
+def model_flops(jitted: Callable, *args) -> float | None:
+  """The FLOPs of one call of ``jitted`` on ``args``, counted by XLA's cost analysis without compiling.
 
-  XLA's cost analysis counts the body of a loop once, so the scans of the CPU 3x3 and 1x1 weight gradients
-  (:func:`segjax.models.layers.banded_weight_gradient`) would hide most of their work. This traces a fresh jitted
-  function with those formulations switched off (the same arithmetic as one convolution or matrix product per weight
-  gradient) and counts without compiling. ``make_jitted`` must build a new function each call, so nothing traced
-  earlier is reused.
+  Pass the function of the model's XLA form (``kernels='xla'``): the cost analysis counts a loop body once, so the
+  scans of the CPU forms' weight gradients (:func:`segjax.models.cpu_kernels.banded_weight_gradient`) would hide most
+  of their work, though their arithmetic is the same.
   """
-  from segjax.models import layers
-
-  saved = layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT, layers.BANDED_POINTWISE_MIN_PIXELS
-  layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT, layers.BANDED_POINTWISE_MIN_PIXELS = False, sys.maxsize
-  try:
-    analysis = make_jitted().lower(*args).cost_analysis()
-  finally:
-    layers.CONV3X3_BLOCKED_WEIGHT_GRADIENT, layers.BANDED_POINTWISE_MIN_PIXELS = saved
+  analysis = jitted.lower(*args).cost_analysis()
   if isinstance(analysis, list | tuple):
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get("flops")

@@ -7,8 +7,8 @@ compiled HLO: the Flax module path in each instruction's ``op_name`` metadata, w
 
 Convolution categories split the forward pass, the input gradient and the weight gradient. segjax's CPU forms name
 their gradients with ``jax.named_scope`` (``input_gradient``, ``weight_gradient``: the banded loops of
-:mod:`segjax.models.layers`); XLA's own gradients are told apart by their shape: a weight gradient's window spans the
-image and its output is the kernel, an input gradient's window is the kernel (convolutions), and a weight gradient
+:mod:`segjax.models.cpu_kernels`); XLA's own gradients are told apart by their shape: a weight gradient's window spans
+the image and its output is the kernel, an input gradient's window is the kernel (convolutions), and a weight gradient
 contracts the leading (example) axis (matrix products).
 
 Each operation is charged its share of the wall time, from its start to its completion, with operations in flight at
@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 
-from segjax.models.layers import INPUT_GRADIENT_SCOPE, WEIGHT_GRADIENT_SCOPE
+from segjax.models.cpu_kernels import INPUT_GRADIENT_SCOPE, WEIGHT_GRADIENT_SCOPE
 
 OUTSIDE_MODEL = "loss, optimizer and other"
 CONTROL_FLOW = "control flow"

@@ -56,3 +56,61 @@ def test_training_geometry_checks_tiles_against_the_model():
   same.data.crop_size, same.data.eval_size_multiple = 40, 32
   geometry, crop = training_geometry(same, create_model(same.model, 2), _dataset(), (128, 128, 1))
   assert crop == 40 and geometry.input_size_for_output(100) == 128
+
+
+def test_a_bad_config_is_refused_before_any_data_is_prepared_or_workdir_made(tmp_path, monkeypatch):
+  from experiments.configs import tiny
+  from segjax.train import setup
+
+  def no_data(*args, **kwargs):
+    raise AssertionError("data prepared for a config that cannot run")
+
+  monkeypatch.setattr(setup, "load_dataset", no_data)
+  for section, key, value, message in [
+    ("optimizer", "name", "adamx", "unknown optimizer 'adamx'"),
+    ("model", "kernels", "gpu", "unknown kernels 'gpu'"),
+    (None, "evaluators", ("isbi", "nope"), "unknown evaluator 'nope'"),
+  ]:
+    config = tiny.get_config()
+    (config[section] if section else config)[key] = value
+    with pytest.raises(SegjaxError, match=message):
+      setup.build(config, workdir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_builds_each_part_of_the_experiment_once(tmp_path, tfds_dir, monkeypatch):
+  """``train_and_evaluate`` builds the optimizer, loss, augmentation, evaluators, model and steps once (in
+  ``setup.build``), where the loop used to build them twice and look the evaluators up at every evaluation."""
+  import collections
+
+  from experiments.configs import tiny
+  from segjax.train import evaluation, loop, setup
+
+  calls = collections.Counter()
+
+  def counted(module, name):
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+      calls[name] += 1
+      return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+  for name in ("create_optimizer", "get_loss", "make_augment_fn", "get_evaluators", "create_model", "make_eval_step"):
+    counted(setup, name)
+  counted(evaluation, "get_evaluators")
+  config = tiny.get_config()
+  config.data.tfds_data_dir = tfds_dir
+  config.num_train_steps, config.eval_every_steps = 2, 1  # two evaluations in the loop, then validation and test
+  config.num_sample_images = config.num_test_images = 0
+  summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert summary["steps"] == 2 and "test" in summary
+  assert calls == {
+    "create_optimizer": 1,
+    "get_loss": 1,
+    "make_augment_fn": 1,
+    "get_evaluators": 1,
+    "create_model": 1,
+    "make_eval_step": 1,
+  }, calls

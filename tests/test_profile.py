@@ -10,13 +10,13 @@ import pytest
 
 from segjax import profile
 from segjax.losses import softmax_cross_entropy
-from segjax.models import get_model, layers
+from segjax.models import get_model
 from segjax.train.state import create_train_state
 from segjax.train.step import make_train_step
 
 
-def _unet_step(size: int = 64):
-  model = get_model("unet", num_classes=2, depth=2, base_width=4, norm="batch")
+def _unet_step(size: int = 64, kernels: str = "auto"):
+  model = get_model("unet", num_classes=2, depth=2, base_width=4, norm="batch", kernels=kernels)
   state = create_train_state(jax.random.PRNGKey(0), model, optax.adam(1e-3), (1, size, size, 1))
   batch = {"image": jnp.ones((2, size, size, 1)), "label": jnp.zeros((2, size, size), jnp.int32)}
   return jax.jit(make_train_step(softmax_cross_entropy)), state, batch
@@ -36,12 +36,10 @@ def _convolutions_by_category(hlo_text: str) -> collections.Counter:
   return counts
 
 
-def test_xla_gradients_of_each_layer_are_told_apart(monkeypatch):
+def test_xla_gradients_of_each_layer_are_told_apart():
   """With Flax's layers (XLA's own convolution gradients), each layer has one forward convolution, one weight
   gradient and (except the first, whose input needs none) one input gradient, and the profile finds exactly those."""
-  monkeypatch.setattr(layers, "CONV3X3_BLOCKED_WEIGHT_GRADIENT", False)
-  monkeypatch.setattr(layers, "POINTWISE_AS_MATMUL", False)
-  step, state, batch = _unet_step()
+  step, state, batch = _unet_step(kernels="xla")
   counts = _convolutions_by_category(step.lower(state, batch).compile().as_text())
   kernels = [k for k in jax.tree_util.tree_leaves_with_path(state.params) if "kernel" in jax.tree_util.keystr(k[0])]
   up = sum("upsample" in jax.tree_util.keystr(path) for path, _ in kernels)

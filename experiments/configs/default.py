@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet"
+  # The form of the convolutions and pools (segjax.models.layers.KERNELS): 'auto' picks XLA:CPU's faster forms
+  # inside the traced program where it runs on the CPU and XLA's own elsewhere; 'xla' or 'cpu' force one.
+  config.model.kernels = "auto"
   config.model.kwargs = ml_collections.ConfigDict(
     {"depth": 3, "base_width": 16, "norm": "batch", "upsample": "transpose", "dropout_rate": 0.0}
   )

@@ -70,12 +70,16 @@ create = get_model
 
 
 def create_model(config: Any, num_classes: int, **overrides) -> nn.Module:
-  """The model of a config's ``model`` section: ``get_model(config.name, num_classes=..., **config.kwargs)``.
+  """The model of a config's ``model`` section: ``get_model(config.name, num_classes=..., **config.kwargs)``, with
+  ``kernels=config.kernels`` when that is not ``'auto'`` (every segjax model's default; a model of one's own needs
+  the field only to be given another).
 
   ``overrides`` set attributes the run decides rather than the model config, e.g. ``dtype`` (half precision) or
   ``bn_axis_name`` (pmap).
   """
-  return get_model(config.name, num_classes=num_classes, **{**config.get("kwargs", {}), **overrides})
+  kernels = config.get("kernels", "auto")  # configs saved before the key existed
+  chosen = {} if kernels == "auto" else {"kernels": kernels}
+  return get_model(config.name, num_classes=num_classes, **{**config.get("kwargs", {}), **chosen, **overrides})
 
 
 # Imported last: these modules register themselves with the registry defined above.

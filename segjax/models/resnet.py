@@ -31,7 +31,7 @@ PAD_3 = ((3, 3), (3, 3))
 SHORTCUTS = ("A", "B")
 
 
-def _conv(features: int, kernel: int, strides: int, padding: Any, dtype: Any, name: str) -> nn.Module:
+def _conv(features: int, kernel: int, strides: int, padding: Any, dtype: Any, kernels: str, name: str) -> nn.Module:
   # Convs feed a BatchNorm, whose beta makes a conv bias redundant; torchvision's fan-out He init.
   return conv(
     features,
@@ -41,6 +41,7 @@ def _conv(features: int, kernel: int, strides: int, padding: Any, dtype: Any, na
     use_bias=False,
     dtype=dtype,
     kernel_init=he_normal("fan_out"),
+    kernels=kernels,
     name=name,
   )
 
@@ -82,6 +83,7 @@ class ResidualBlock(nn.Module):
       2017, Sec. 5.1).
     dtype: computation dtype.
     bn_axis_name: cross-device axis name for batch norm statistics.
+    kernels: the form of the convs (:data:`segjax.models.layers.KERNELS`).
   """
 
   features: int
@@ -91,6 +93,7 @@ class ResidualBlock(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  kernels: str = "auto"
 
   expansion = 1
 
@@ -110,7 +113,7 @@ class ResidualBlock(nn.Module):
       return x
     if self.shortcut == "A":
       return zero_pad_shortcut(x, features, self.strides)
-    x = _conv(features, 1, self.strides, "VALID", self.dtype, "downsample_conv")(x)
+    x = _conv(features, 1, self.strides, "VALID", self.dtype, self.kernels, "downsample_conv")(x)
     return self._bn(train=train, name="downsample_bn")(x)
 
 
@@ -121,9 +124,9 @@ class BasicBlock(ResidualBlock):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    y = _conv(self.features, 3, self.strides, PAD_1, self.dtype, "conv1")(x)
+    y = _conv(self.features, 3, self.strides, PAD_1, self.dtype, self.kernels, "conv1")(x)
     y = nn.relu(self._bn(train=train, name="bn1")(y))
-    y = _conv(self.features, 3, 1, PAD_1, self.dtype, "conv2")(y)
+    y = _conv(self.features, 3, 1, PAD_1, self.dtype, self.kernels, "conv2")(y)
     y = self._bn(train=train, name="bn2", last=True)(y)
     return nn.relu(y + self._shortcut(x, y.shape[-1], train=train))
 
@@ -140,11 +143,11 @@ class BottleneckBlock(ResidualBlock):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     stride_1x1, stride_3x3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-    y = _conv(self.features, 1, stride_1x1, "VALID", self.dtype, "conv1")(x)
+    y = _conv(self.features, 1, stride_1x1, "VALID", self.dtype, self.kernels, "conv1")(x)
     y = nn.relu(self._bn(train=train, name="bn1")(y))
-    y = _conv(self.features, 3, stride_3x3, PAD_1, self.dtype, "conv2")(y)
+    y = _conv(self.features, 3, stride_3x3, PAD_1, self.dtype, self.kernels, "conv2")(y)
     y = nn.relu(self._bn(train=train, name="bn2")(y))
-    y = _conv(self.features * self.expansion, 1, 1, "VALID", self.dtype, "conv3")(y)
+    y = _conv(self.features * self.expansion, 1, 1, "VALID", self.dtype, self.kernels, "conv3")(y)
     y = self._bn(train=train, name="bn3", last=True)(y)
     return nn.relu(y + self._shortcut(x, y.shape[-1], train=train))
 
@@ -160,11 +163,11 @@ def _imagenet_stages(module: "ResNet | ResNetEncoder", x: jax.Array, *, train: b
   """
   chex.assert_rank(x, 4)
   x = x.astype(module.dtype)
-  x = _conv(module.width, 7, 2, PAD_3, module.dtype, "conv1")(x)
+  x = _conv(module.width, 7, 2, PAD_3, module.dtype, module.kernels, "conv1")(x)
   x = batch_norm(train=train, dtype=module.dtype, axis_name=module.bn_axis_name, name="bn1")(x)
   x = nn.relu(x)
   features = [x]
-  x = max_pool_3x3_stride_2(x)  # padded with -inf, as PyTorch's MaxPool2d(3, 2, padding=1)
+  x = max_pool_3x3_stride_2(x, module.kernels)  # padded with -inf, as PyTorch's MaxPool2d(3, 2, padding=1)
   for stage, num_blocks in enumerate(module.stage_sizes):
     for index in range(num_blocks):
       x = module.block_cls(
@@ -174,6 +177,7 @@ def _imagenet_stages(module: "ResNet | ResNetEncoder", x: jax.Array, *, train: b
         zero_init_residual=module.zero_init_residual,
         dtype=module.dtype,
         bn_axis_name=module.bn_axis_name,
+        kernels=module.kernels,
         name=f"layer{stage + 1}_{index}",
       )(x, train=train)
     features.append(x)
@@ -197,6 +201,7 @@ class ResNet(nn.Module):
     zero_init_residual: zero-init the last BN gamma of every block (Goyal et al. 2017, Sec. 5.1).
     dtype: computation dtype (params stay float32; logits are returned as float32).
     bn_axis_name: cross-device axis name for batch norm statistics (pmap).
+    kernels: the form of the convs and pools (:data:`segjax.models.layers.KERNELS`; ``'auto'`` per platform).
 
   Example:
     >>> model = ResNet(stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, num_classes=10, width=8)
@@ -214,6 +219,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -247,6 +253,7 @@ class ResNetEncoder(nn.Module):
     zero_init_residual: see :class:`ResNet`.
     dtype: computation dtype of the convs and of the returned feature maps.
     bn_axis_name: cross-device axis name for batch norm statistics (pmap).
+    kernels: the form of the convs and pools (:data:`segjax.models.layers.KERNELS`; ``'auto'`` per platform).
 
   Example:
     >>> encoder = resnet_encoder("resnet18", width=8)
@@ -263,6 +270,7 @@ class ResNetEncoder(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  kernels: str = "auto"
 
   @property
   def channels(self) -> tuple[int, ...]:
@@ -346,6 +354,7 @@ class CifarResNet(nn.Module):
     shortcut: ``'A'`` (paper, parameter-free) or ``'B'`` (projections where the shape changes).
     dtype: computation dtype (params stay float32; logits are returned as float32).
     bn_axis_name: cross-device axis name for batch norm statistics (pmap).
+    kernels: the form of the convs and pools (:data:`segjax.models.layers.KERNELS`; ``'auto'`` per platform).
 
   Example:
     >>> model = CifarResNet(blocks_per_stage=3, num_classes=10)
@@ -361,6 +370,7 @@ class CifarResNet(nn.Module):
   shortcut: str = "A"
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -375,7 +385,7 @@ class CifarResNet(nn.Module):
     """
     chex.assert_rank(x, 4)
     x = x.astype(self.dtype)
-    x = _conv(self.widths[0], 3, 1, PAD_1, self.dtype, "conv1")(x)
+    x = _conv(self.widths[0], 3, 1, PAD_1, self.dtype, self.kernels, "conv1")(x)
     x = nn.relu(batch_norm(train=train, dtype=self.dtype, axis_name=self.bn_axis_name, name="bn1")(x))
     for stage, features in enumerate(self.widths):
       for index in range(self.blocks_per_stage):
@@ -385,6 +395,7 @@ class CifarResNet(nn.Module):
           shortcut=self.shortcut,
           dtype=self.dtype,
           bn_axis_name=self.bn_axis_name,
+          kernels=self.kernels,
           name=f"layer{stage + 1}_{index}",
         )(x, train=train)
     x = jnp.mean(x, axis=(1, 2))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from segjax.errors import SegjaxError
 from segjax.models import register_model
-from segjax.models.layers import DoubleConv, check_choice, check_norm, he_normal, up_convolution
+from segjax.models.layers import DoubleConv, check_choice, check_kernels, check_norm, conv, he_normal, up_convolution
 from segjax.models.resnet import resnet_encoder
 
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -58,6 +58,7 @@ class ResNetUNet(nn.Module):
     dtype: computation dtype (params stay float32; logits are returned as float32).
     bn_axis_name: cross-device axis name for batch norm statistics (pmap), encoder and decoder.
     group_norm_groups: number of groups when ``norm='group'``; must divide every decoder width.
+    kernels: the form of the convolutions and pools (:data:`segjax.models.layers.KERNELS`; ``'auto'`` per platform).
 
   Example:
     >>> model = ResNetUNet(num_classes=2, encoder="resnet18")
@@ -78,6 +79,7 @@ class ResNetUNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   group_norm_groups: int = 8
+  kernels: str = "auto"
 
   def __post_init__(self) -> None:
     if self.encoder not in ENCODERS:
@@ -92,13 +94,14 @@ class ResNetUNet(nn.Module):
     check_norm(self.norm, channels=min(self.decoder_widths), group_norm_groups=self.group_norm_groups)
     check_choice("upsample", self.upsample, UPSAMPLES)
     check_choice("resize_method", self.resize_method, RESIZE_METHODS)
+    check_kernels(self.kernels)
     if self.head_kernel not in (1, 3):
       raise SegjaxError(f"head_kernel must be 1 or 3, got {self.head_kernel} (config key model.kwargs.head_kernel).")
     super().__post_init__()
 
   def _upsample(self, x: jax.Array, features: int, name: str) -> jax.Array:
     if self.upsample == "transpose":
-      return up_convolution(features, dtype=self.dtype, kernel_init=he_normal(), name=name)(x)
+      return up_convolution(features, dtype=self.dtype, kernel_init=he_normal(), kernels=self.kernels, name=name)(x)
     batch, height, width, channels = x.shape
     return jax.image.resize(x, (batch, 2 * height, 2 * width, channels), method=self.resize_method)
 
@@ -120,7 +123,12 @@ class ResNetUNet(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
 
     encoder = resnet_encoder(
-      self.encoder, width=self.encoder_width, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="encoder"
+      self.encoder,
+      width=self.encoder_width,
+      dtype=self.dtype,
+      bn_axis_name=self.bn_axis_name,
+      kernels=self.kernels,
+      name="encoder",
     )
     features = encoder(x, train=train)
     skips = features[-2::-1]  # strides 16, 8, 4, 2
@@ -135,16 +143,12 @@ class ResNetUNet(nn.Module):
         dtype=self.dtype,
         bn_axis_name=self.bn_axis_name,
         group_norm_groups=self.group_norm_groups,
+        kernels=self.kernels,
         name=f"decoder_{stage}",
       )(x, train=train)
 
-    x = nn.Conv(
-      self.num_classes,
-      (self.head_kernel, self.head_kernel),
-      padding="SAME",
-      dtype=self.dtype,
-      kernel_init=he_normal(),
-      name="head",
+    x = conv(
+      self.num_classes, self.head_kernel, dtype=self.dtype, kernel_init=he_normal(), kernels=self.kernels, name="head"
     )(x)
     return x[:, :height, :width].astype(jnp.float32)
 

@@ -24,7 +24,9 @@ from segjax.models.layers import (
   DoubleConv,
   ResidualDoubleConv,
   check_choice,
+  check_kernels,
   check_norm,
+  conv,
   he_normal,
   max_pool_2x2,
   up_convolution,
@@ -48,9 +50,9 @@ def _check_unet_settings(depth: int, base_width: int, norm: str, group_norm_grou
     raise SegjaxError(f"dropout_rate must be in [0, 1), got {dropout_rate} (config key model.dropout_rate).")
 
 
-def _up_convolution(features: int, dtype: Any, name: str) -> nn.Module:
+def _up_convolution(features: int, dtype: Any, kernels: str, name: str) -> nn.Module:
   """The paper's "2x2 up-convolution" (Sec. 2): a stride-2 transposed conv with bias and no activation."""
-  return up_convolution(features, dtype=dtype, kernel_init=he_normal(), name=name)
+  return up_convolution(features, dtype=dtype, kernel_init=he_normal(), kernels=kernels, name=name)
 
 
 def center_crop(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -194,6 +196,7 @@ class UNetValid(nn.Module):
     dtype: computation dtype (params stay float32; logits are returned as float32).
     bn_axis_name: cross-device axis name for batch norm statistics (pmap); unused with ``norm='none'``.
     group_norm_groups: number of groups when ``norm='group'``; must divide ``base_width``.
+    kernels: the form of the convolutions and pools (:data:`segjax.models.layers.KERNELS`; ``'auto'`` per platform).
 
   Example:
     >>> model = UNetValid(num_classes=2, depth=2, base_width=4)
@@ -211,9 +214,11 @@ class UNetValid(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   group_norm_groups: int = 8
+  kernels: str = "auto"
 
   def __post_init__(self) -> None:
     _check_unet_settings(self.depth, self.base_width, self.norm, self.group_norm_groups, self.dropout_rate)
+    check_kernels(self.kernels)
     super().__post_init__()
 
   def _double_conv(self, features: int, name: str) -> DoubleConv:
@@ -224,6 +229,7 @@ class UNetValid(nn.Module):
       dtype=self.dtype,
       bn_axis_name=self.bn_axis_name,
       group_norm_groups=self.group_norm_groups,
+      kernels=self.kernels,
       name=name,
     )
 
@@ -261,7 +267,7 @@ class UNetValid(nn.Module):
     for level in range(self.depth):
       x = self._double_conv(self.base_width * 2**level, f"down_{level}")(x, train=train)
       skips.append(x)
-      x = max_pool_2x2(x)
+      x = max_pool_2x2(x, self.kernels)
 
     x = self._double_conv(self.base_width * 2**self.depth, "bottleneck")(x, train=train)
     if self.dropout_rate > 0:
@@ -269,12 +275,12 @@ class UNetValid(nn.Module):
 
     for level in reversed(range(self.depth)):
       features = self.base_width * 2**level
-      x = _up_convolution(features, self.dtype, f"upsample_{level}")(x)
+      x = _up_convolution(features, self.dtype, self.kernels, f"upsample_{level}")(x)
       skip = center_crop(skips[level], x.shape[1], x.shape[2])
       x = jnp.concatenate([skip, x], axis=-1)
       x = self._double_conv(features, f"up_{level}")(x, train=train)
 
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=he_normal(), name="classifier")(x)
+    x = conv(self.num_classes, 1, dtype=self.dtype, kernel_init=he_normal(), kernels=self.kernels, name="classifier")(x)
     chex.assert_shape(x, (None, out_height, out_width, self.num_classes))
     return x.astype(jnp.float32)
 
@@ -324,6 +330,7 @@ class UNet(nn.Module):
     bn_axis_name: cross-device axis name for batch norm statistics (pmap).
     group_norm_groups: number of groups when ``norm='group'``; must divide ``base_width``.
     deep_supervision: add auxiliary logits of the coarser expanding levels to the training output (see above).
+    kernels: the form of the convolutions and pools (:data:`segjax.models.layers.KERNELS`; ``'auto'`` per platform).
 
   Example:
     >>> model = UNet(num_classes=2, depth=2, base_width=8)
@@ -345,9 +352,11 @@ class UNet(nn.Module):
   bn_axis_name: str | None = None
   group_norm_groups: int = 8
   deep_supervision: bool = False
+  kernels: str = "auto"
 
   def __post_init__(self) -> None:
     _check_unet_settings(self.depth, self.base_width, self.norm, self.group_norm_groups, self.dropout_rate)
+    check_kernels(self.kernels)
     check_choice("block", self.block, BLOCKS)
     check_choice("upsample", self.upsample, UPSAMPLES)
     check_choice("resize_method", self.resize_method, RESIZE_METHODS)
@@ -361,19 +370,20 @@ class UNet(nn.Module):
       dtype=self.dtype,
       bn_axis_name=self.bn_axis_name,
       group_norm_groups=self.group_norm_groups,
+      kernels=self.kernels,
       name=name,
     )
 
   def _upsample(self, x: jax.Array, features: int, name: str) -> jax.Array:
     """x2 up-sampling to ``features`` channels; no norm or ReLU follows it, so the conv keeps its bias (Sec. 2)."""
     if self.upsample == "transpose":
-      return _up_convolution(features, self.dtype, name)(x)
+      return _up_convolution(features, self.dtype, self.kernels, name)(x)
     batch, height, width, channels = x.shape
     x = jax.image.resize(x, (batch, 2 * height, 2 * width, channels), method=self.resize_method)
-    return nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=he_normal(), name=name)(x)
+    return conv(features, 3, dtype=self.dtype, kernel_init=he_normal(), kernels=self.kernels, name=name)(x)
 
   def _classifier(self, name: str) -> nn.Conv:
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=he_normal(), name=name)
+    return conv(self.num_classes, 1, dtype=self.dtype, kernel_init=he_normal(), kernels=self.kernels, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -399,7 +409,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = self._block(self.base_width * 2**level, f"down_{level}")(x, train=train)
       skips.append(x)
-      x = max_pool_2x2(x)
+      x = max_pool_2x2(x, self.kernels)
 
     x = self._block(self.base_width * 2**self.depth, "bottleneck")(x, train=train)
     if self.dropout_rate > 0:
