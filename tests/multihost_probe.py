@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli, train
-from segjax.train import loop
+from segjax.train import evaluation, setup
 
 _READS = flags.DEFINE_string("reads", None, "Path prefix of the record of this process's reads.")
 
@@ -28,10 +28,10 @@ def record_reads(setattr_: Callable[[Any, str, Any], None] = setattr) -> dict[st
   run goes). ``setattr_``: how to replace the loop's functions (e.g. pytest's ``monkeypatch.setattr``)."""
   record: dict[str, list] = {"train": [], "evaluations": []}
   training_batches, evaluate, eval_batches, summarize_confusion = (
-    loop.training_batches,
-    loop.evaluate,
-    loop.eval_batches,
-    loop.summarize_confusion,
+    setup.training_batches,
+    evaluation.evaluate,
+    evaluation.eval_batches,
+    evaluation.summarize_confusion,
   )
 
   def recorded_training_batches(*args, **kwargs):
@@ -55,10 +55,11 @@ def record_reads(setattr_: Callable[[Any, str, Any], None] = setattr) -> dict[st
     record["evaluations"][-1]["confusion"] = np.array(confusion)
     return summarize_confusion(confusion)
 
-  setattr_(loop, "training_batches", recorded_training_batches)
-  setattr_(loop, "evaluate", recorded_evaluate)
-  setattr_(loop, "eval_batches", recorded_eval_batches)
-  setattr_(loop, "summarize_confusion", recorded_summarize_confusion)
+  # where the loop's setup (segjax.train.setup) and evaluation (segjax.train.evaluation) call them
+  setattr_(setup, "training_batches", recorded_training_batches)
+  setattr_(evaluation, "evaluate", recorded_evaluate)
+  setattr_(evaluation, "eval_batches", recorded_eval_batches)
+  setattr_(evaluation, "summarize_confusion", recorded_summarize_confusion)
   return record
 
 
