@@ -1,5 +1,5 @@
 """The one base config: every key an experiment has, with its default. Every config in this folder starts here and
-overrides what it changes; `segjax.train.loop.validate_config` checks the values.
+overrides what it changes; `segjax.train.setup.validate_config` (the first step of `setup.build`) checks the values.
 
 Sized for the default experiment (``synthetic_cells.py``: a small U-Net on 128x128 images on a 2-core CPU); the
 data section holds only the keys every data set shares (each data set's own keys are in its config).
