@@ -15,6 +15,9 @@ the image), ``<stem>_instances.png`` (16-bit instance ids by the run's ``config.
 watershed of instance targets, or connected components of the foreground; small ones removed) and
 ``<stem>_probabilities.npy`` ((H, W, classes) float32). An image that cannot be predicted is reported with its name
 and the others are still done; the exit status is then 2.
+
+A classifier's workdir (``config.task = 'classification'``) writes ``<output>/predictions.csv`` instead: per image
+its --top_k most probable labels and their probabilities (averaged over the workdirs when there are several).
 """
 
 import dataclasses
@@ -27,7 +30,7 @@ from tqdm import tqdm
 from experiments import cli
 from segjax.data.io import list_images, read_image
 from segjax.errors import SegjaxError
-from segjax.inference import OUTPUT_KINDS, load_ensemble, save_outputs
+from segjax.inference import OUTPUT_KINDS, load_ensemble, save_outputs, write_classifications
 from segjax.tiling import BLENDS, MODES, PADDINGS, TTA_TRANSFORMS, Tiling
 
 _WORKDIR = flags.DEFINE_string(
@@ -52,6 +55,7 @@ _OUTPUT_KINDS = flags.DEFINE_list(
 _MIN_SIZE = flags.DEFINE_integer(
   "min_instance_size", None, "Instances: drop those with fewer pixels (default: the run's instances.min_size)."
 )
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Classifiers: the most probable labels written per image.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -70,6 +74,8 @@ def main(argv: list[str]) -> None:
   )
   files = list_images(_INPUT.value)
   predictor = load_ensemble(_WORKDIR.value, _STEP.value)
+  if predictor.config.task == "classification":
+    return classify(predictor, files)
   instances = predictor.instances
   if _MIN_SIZE.value is not None:
     instances = dataclasses.replace(instances, min_size=_MIN_SIZE.value)
@@ -88,6 +94,25 @@ def main(argv: list[str]) -> None:
       tqdm.write(f"error: {e}", file=sys.stderr)
   if failures:
     raise SegjaxError(f"{len(failures)} of {len(files)} images could not be predicted; the first: {failures[0]}")
+
+
+def classify(predictor, files: list[str]) -> None:
+  """A classifier's run: ``<output>/predictions.csv`` with the --top_k most probable labels of every image."""
+  rows, failures = [], []
+  for path in tqdm(files, desc="classify", unit="image", disable=len(files) == 1):
+    try:
+      image = read_image(path, predictor.num_channels)
+      predictor.check_image(image, path)
+      rows.append((os.path.basename(path), predictor.top_k(predictor.predict(image), _TOP_K.value)))
+    except SegjaxError as e:
+      failures.append(str(e))
+      tqdm.write(f"error: {e}", file=sys.stderr)
+  os.makedirs(_OUTPUT.value, exist_ok=True)
+  path = os.path.join(_OUTPUT.value, "predictions.csv")
+  write_classifications(path, rows)
+  print(f"{len(rows)} images classified: {path}")
+  if failures:
+    raise SegjaxError(f"{len(failures)} of {len(files)} images could not be classified; the first: {failures[0]}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
       "instances.method 'watershed'); there is nothing to tune."
     )
   dataset = load_dataset(config.data)
-  tiling = Tiling(tta=_TTA.value or config.get("eval_tta", "none"))
+  tiling = Tiling(tta=_TTA.value or config.eval_tta)
   split = _SPLIT.value or config.data.eval_split
   start = time.perf_counter()
   examples = predict_split(predictor, dataset.split(split), tiling)
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
     split: best_scores,
     f"{split}/run_settings": own,
   }
-  test_split = config.data.get("test_split") if _TEST_SPLIT.value is None else _TEST_SPLIT.value
+  test_split = config.data.test_split if _TEST_SPLIT.value is None else _TEST_SPLIT.value
   if test_split:
     test = predict_split(predictor, dataset.split(test_split), tiling)
     record[test_split] = mean_scores(best, test)

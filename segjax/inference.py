@@ -21,13 +21,13 @@ from segjax import viz
 from segjax.data.instance_targets import InstanceSettings
 from segjax.data.pipeline import normalize_image, pad_image_for_model
 from segjax.errors import SegjaxError
-from segjax.losses import model_outputs
-from segjax.models import create_model
 from segjax.models.geometry import Geometry, eval_geometry
 from segjax.registry import import_modules
 from segjax.tiling import Tiling, gaussian_weights, overlap_tile_plan, predict_tiled, predict_tiles, sliding_window_plan
 from segjax.train import checkpoint
-from segjax.train.state import TrainState, compute_dtype
+from segjax.train.setup import build_model
+from segjax.train.state import TrainState
+from segjax.train.step import predict_logits
 
 _whole = jax.jit(predict_tiles, static_argnames=("tta", "output"))
 
@@ -58,7 +58,7 @@ class Predictor:
   def default_tile_size(self) -> int:
     """The training tile (``data.crop_size``) when there was one, else 572 (unpadded U-Net) or 256; for the unpadded
     U-Net at least the smallest tile whose output covers one whole pooling grid (overlap-tile needs one per step)."""
-    size = self.config.data.get("crop_size") or (572 if self.geometry.margin else 256)
+    size = self.config.data.crop_size or (572 if self.geometry.margin else 256)
     if self.geometry.margin:
       size = max(size, self.geometry.align + 2 * self.geometry.margin)
     return self.geometry.fit(size)
@@ -122,7 +122,7 @@ class Predictor:
   def instances(self) -> InstanceSettings:
     """How the run turns probabilities into instances (its ``config.instances``; runs saved before it existed:
     connected components)."""
-    return InstanceSettings.from_config(self.config.get("instances"))
+    return InstanceSettings.from_config(self.config.instances)
 
   def predict_instances(
     self, image: np.ndarray, tiling: Tiling | None = None, *, min_size: int | None = None
@@ -272,11 +272,12 @@ def load_predictor(workdir: str, step: int | None = None, *, tuned: bool = True)
   if tuned and (settings := tuned_instances(workdir)):
     with config.unlocked():
       config.instances.update(settings)
-  import_modules(config.get("imports", ()))  # modules that registered the run's model, loss, ...
+  import_modules(config.imports)  # modules that registered the run's model, loss, ...
   info = config.dataset_info
-  model = create_model(config.model, model_outputs(config.loss, info.num_classes), dtype=compute_dtype(config))
-  geometry = eval_geometry(model, config.data)
-  side = geometry.input_size_for_output(32)
+  model = build_model(config, info.num_classes, training=False)
+  classifier = config.task == "classification"
+  geometry = Geometry() if classifier else eval_geometry(model, config.data)
+  side = config.data.image_size if classifier else geometry.input_size_for_output(32)
   # Prediction needs the weights and BatchNorm statistics only (the EMA's when the run kept one, as its evaluation
   # used them): their shapes come from the model alone, and the optimizer state is never read.
   variables = jax.eval_shape(
@@ -290,7 +291,7 @@ def load_predictor(workdir: str, step: int | None = None, *, tuned: bool = True)
     variables["params"],
     variables.get("batch_stats", {}),
     step,
-    ema=config.get("ema_decay", 0.0) > 0,
+    ema=config.ema_decay > 0,
     sharding=replicated,
   )
   manager.close()
@@ -304,4 +305,67 @@ def load_predictor(workdir: str, step: int | None = None, *, tuned: bool = True)
     rng=np.zeros(2, np.uint32),
   )
   state = jax.device_put(state, replicated)
+  if classifier:
+    return Classifier(config=config, state=state, step=step, devices=devices)
   return Predictor(config=config, state=state, step=step, geometry=geometry, devices=devices)
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A restored image classifier (``config.task = 'classification'``): class probabilities of whole images, each
+  squared as the run evaluated (:func:`segjax.train.classification.host_inputs`)."""
+
+  config: ml_collections.ConfigDict
+  state: TrainState
+  step: int
+  devices: tuple = ()
+
+  @property
+  def num_channels(self) -> int:
+    return int(self.config.dataset_info.num_channels)
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.config.dataset_info.num_classes)
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.config.dataset_info.class_names)
+
+  def check_image(self, image: np.ndarray, name: str) -> None:
+    """Any size is taken (resized); only the channels must match."""
+    if image.ndim != 3 or image.shape[-1] != self.num_channels:
+      raise SegjaxError(f"{name}: the model takes {self.num_channels}-channel images, got shape {image.shape}.")
+
+  def predict(self, image: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    """Image (H, W, C) of any size -> class probabilities (num_classes,), float32."""
+    del tiling  # a classifier sees the whole (resized) image
+    from segjax.train.classification import host_inputs
+
+    inputs = host_inputs(self.config, train=False)({"image": image, "label": 0})["image"]
+    logits = _classify(self.state, jnp.asarray(inputs[None]))
+    return np.asarray(jax.nn.softmax(logits[0].astype(jnp.float32)))
+
+  def top_k(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The ``k`` most probable classes and their probabilities, most probable first."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(self.class_names[i], float(probabilities[i])) for i in order]
+
+
+_classify = jax.jit(predict_logits)
+
+
+def write_classifications(path: str, rows: Sequence[tuple[str, list[tuple[str, float]]]]) -> None:
+  """A CSV with one row per image: ``file``, then ``label_1, probability_1, ..., label_k, probability_k``, the most
+  probable first; written to a temporary name and renamed, so a failed run leaves no half-written file."""
+  import csv
+
+  k = max((len(top) for _, top in rows), default=0)
+  header = ["file"] + [f"{what}_{i}" for i in range(1, k + 1) for what in ("label", "probability")]
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for name, top in rows:
+      writer.writerow([name] + [v for label, p in top for v in (label, f"{p:.6f}")])
+  os.replace(tmp, path)

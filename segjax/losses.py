@@ -80,6 +80,7 @@ def softmax_cross_entropy(
   *,
   class_weights: Sequence[float] | None = None,
   ignore_label: int | None = None,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   """Weighted mean of the per-pixel softmax cross-entropy.
 
@@ -96,6 +97,8 @@ def softmax_cross_entropy(
     weights: optional per-pixel weights of the labels' shape (0 excludes a pixel, e.g. padding).
     class_weights: optional C floats; each pixel's weight is multiplied by the weight of its true class.
     ignore_label: optional label id (e.g. 255) whose pixels get weight 0.
+    label_smoothing: epsilon of label smoothing (Szegedy et al. 2016, Sec. 7): the target is ``1 - epsilon`` on the
+      true class plus ``epsilon / C`` on every class (``optax.smooth_labels``); 0 is the plain cross-entropy.
 
   Returns:
     The scalar weighted mean.
@@ -104,7 +107,11 @@ def softmax_cross_entropy(
   labels, w = _pixel_weights(labels, weights, ignore_label)
   if class_weights is not None:
     w = w * _per_class(class_weights, logits.shape[-1], "class_weights")[labels]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   return _weighted_mean(ce, w)
 
 

@@ -574,3 +574,47 @@ def _sum_squared_counts(ids: np.ndarray) -> int:
   """Sum over distinct ids of (number of occurrences)**2: a sum of squared contingency-table entries (exact)."""
   _, counts = np.unique(ids, return_counts=True)
   return int(np.sum(counts.astype(np.int64) ** 2))
+
+
+# --- Image classification -----------------------------------------------------------------------------------------
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int, weights: jax.Array | None = None) -> jax.Array:
+  """The (weighted) number of examples whose true label is among the ``k`` highest logits: the numerator of the
+  top-k accuracy that ImageNet results report (Russakovsky et al. 2015; top-5 error = 1 - top-5 accuracy). Ties at
+  the k-th logit count as correct only up to k classes (``lax.top_k``'s order: lower class index first).
+
+  Args:
+    logits: (B, C) scores.
+    labels: (B,) integer class ids.
+    k: how many of the highest scores count (k >= C counts every example).
+    weights: optional (B,) weights (0 for padding examples).
+  """
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  hit = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+  return jnp.sum(hit if weights is None else hit * weights)
+
+
+def summarize_classification(
+  totals: dict[str, np.ndarray], class_names: tuple[str, ...], *, top_k: int
+) -> dict[str, float]:
+  """Split metrics from the summed counts of the classification eval step: ``accuracy`` (top-1), ``error``
+  (1 - top-1, the quantity of He et al. 2015's CIFAR-10 table), ``top{k}_accuracy``, the loss and, where the
+  confusion matrix was kept, ``accuracy/<class>`` (recall of each class) and ``mean_class_accuracy``."""
+  count = max(float(totals["weight_sum"]), 1.0)
+  top1 = float(totals["top1"]) / count
+  metrics = {
+    "loss": float(totals["loss_sum"]) / count,
+    "accuracy": top1,
+    "error": 1.0 - top1,
+    f"top{top_k}_accuracy": float(totals["topk"]) / count,
+  }
+  if "confusion" in totals:
+    confusion = np.asarray(totals["confusion"], np.float64)
+    support = confusion.sum(1)
+    per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    for name, value in zip(class_names, per_class, strict=True):
+      metrics[f"accuracy/{name}"] = float(value)
+    metrics["mean_class_accuracy"] = float(np.nanmean(per_class)) if np.any(support > 0) else float("nan")
+  return metrics

@@ -47,16 +47,21 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+CURVE_METRICS = ("mean_iou", "foreground_iou", "pixel_accuracy", "accuracy", "top5_accuracy")
+"""The validation metrics drawn against the step, where a run reports them (segmentation or classification)."""
+
+
 def plot_curves(records: Sequence[dict], path: str) -> None:
-  """Plots training loss and evaluation loss/IoU against the step into a PNG."""
+  """Plots training loss and the validation loss and scores (:data:`CURVE_METRICS`) against the step into a PNG."""
   train = [r for r in records if r.get("split") == "train"]
   evals = [r for r in records if r.get("split") == "validation"]
   fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(11, 4))
   ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
   if evals:
     ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
-    for key in ("mean_iou", "foreground_iou", "pixel_accuracy"):
-      ax_iou.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
+    for key in CURVE_METRICS:
+      if key in evals[0]:
+        ax_iou.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
   ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
   ax_iou.set(xlabel="step", ylabel="score", title="validation metrics", ylim=(0, 1.02))
   for ax in (ax_loss, ax_iou):
@@ -83,5 +88,35 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
       if i == 0:
         ax.set_title(title)
   fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_classified(
+  images: Sequence[np.ndarray],
+  labels: np.ndarray,
+  probabilities: np.ndarray,
+  class_names: Sequence[str],
+  path: str,
+  *,
+  columns: int = 4,
+) -> None:
+  """A grid of images, each titled with its predicted class and probability and its true class (green when right,
+  red when wrong)."""
+  n = len(images)
+  rows = -(-n // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.0 * rows), squeeze=False, layout="constrained")
+  for ax in axes.flat:
+    ax.set_axis_off()
+  for i in range(n):
+    ax = axes.flat[i]
+    predicted = int(np.argmax(probabilities[i]))
+    ax.imshow(to_rgb_uint8(images[i]), interpolation="nearest")
+    right = predicted == int(labels[i])
+    ax.set_title(
+      f"{class_names[predicted]} {probabilities[i][predicted]:.2f}\ntrue: {class_names[int(labels[i])]}",
+      color="tab:green" if right else "tab:red",
+      fontsize=9,
+    )
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from segjax.config import with_defaults
 from segjax.errors import SegjaxError
 from segjax.inference import Predictor
 from segjax.models import get_model
@@ -32,8 +33,13 @@ def _predictor(name="unet", crop_size=None, model=None, **kwargs):
   state = create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (1, side, side, 1))
   # non-trivial BatchNorm statistics, so eval mode is not the identity
   state = state.replace(batch_stats=jax.tree_util.tree_map(lambda x: x + 0.1, state.batch_stats))
-  config = ml_collections.ConfigDict(
-    {"dataset_info": {"num_channels": 1, "num_classes": 3}, "data": {"crop_size": crop_size}}
+  config = with_defaults(
+    ml_collections.ConfigDict(
+      {
+        "dataset_info": {"num_channels": 1, "num_classes": 3},
+        "data": {"name": "synthetic_cells", "crop_size": crop_size},
+      }
+    )
   )
   devices = tuple(jax.local_devices())
   replicated = jax.device_put(

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from segjax.config import base_config
 from segjax.data.augment import make_augment_fn
 from segjax.errors import SegjaxError
 from segjax.losses import softmax_cross_entropy
@@ -94,18 +95,24 @@ def _warmup_cosine_closed_form(step: int, peak: float, end: float, warmup: int, 
   return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _optimizer(**settings) -> ml_collections.ConfigDict:
+  """The base config's optimizer section with ``settings``."""
+  config = base_config().optimizer
+  config.update(settings)
+  return config
+
+
 def test_schedule_and_optimizer_from_config():
   peak, warmup, total = 1e-3, 6, 30
-  config = ml_collections.ConfigDict(
-    {
-      "name": "sgd",
-      "momentum": 0.0,
-      "nesterov": False,
-      "learning_rate": peak,
-      "schedule": "warmup_cosine",
-      "warmup_steps": warmup,
-      "end_learning_rate_factor": 0.1,
-    }
+  config = _optimizer(
+    name="sgd",
+    momentum=0.0,
+    nesterov=False,
+    learning_rate=peak,
+    schedule="warmup_cosine",
+    warmup_steps=warmup,
+    end_learning_rate_factor=0.1,
+    grad_clip_norm=None,
   )
   schedule = create_schedule(config, total)
   # every step, and a few past the end (where it stays at the end value): a linear decay or a cosine over the whole
@@ -128,15 +135,8 @@ def test_schedule_and_optimizer_from_config():
 
 def test_grad_clip_norm_rescales_the_global_gradient_norm_before_the_optimizer():
   lr, clip = 0.1, 1.0
-  config = ml_collections.ConfigDict(
-    {
-      "name": "sgd",
-      "momentum": 0.0,
-      "nesterov": False,
-      "learning_rate": lr,
-      "schedule": "constant",
-      "grad_clip_norm": clip,
-    }
+  config = _optimizer(
+    name="sgd", momentum=0.0, nesterov=False, learning_rate=lr, schedule="constant", grad_clip_norm=clip
   )
   tx = create_optimizer(config, 10)
   params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
@@ -194,8 +194,8 @@ def test_batch_norm_running_statistics_follow_the_momentum_formula_through_the_t
 
 @pytest.mark.parametrize("warmup", [0, 10])
 def test_polynomial_schedule_is_nnunet_poly_decay(warmup):
-  config = ml_collections.ConfigDict(
-    {"name": "sgd", "learning_rate": 0.01, "schedule": "polynomial", "warmup_steps": warmup}
+  config = _optimizer(
+    name="sgd", learning_rate=0.01, schedule="polynomial", warmup_steps=warmup, end_learning_rate_factor=0.0
   )
   schedule = create_schedule(config, 110)
   for step in (0, 37, 80, 110):

@@ -17,9 +17,9 @@ the instance scores of the watershed and, as ``<metric>/components``, of the con
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from experiments.configs import default
+from segjax.config import data_section
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -29,22 +29,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("semantic", "contour", "distance"):
     raise ValueError(f"unknown dsb2018_unet variant '{variant}'; use semantic, contour or distance.")
   config = default.get_config()
-  config.data = ml_collections.ConfigDict(
-    {
-      "name": "dsb2018",
-      "manual_dir": config_dict.placeholder(str),
-      "tfds_data_dir": config_dict.placeholder(str),
-      "border_sigma": 5.0,
-      "train_split": "train",
-      "eval_split": "validation",
-      "test_split": "test",
-      "num_threads": 2,
-      "crop_size": 256,
-      # The border term pulls touching nuclei apart; class balancing is off (w_c = 1) because with it the network
-      # over-predicts the rare class (see the isbi2012 ablation in README.md); 'balanced' switches it on.
-      "weight_map": {"enabled": True, "w0": 10.0, "class_weights": None},
-    }
-  )
+  config.data = data_section("dsb2018")
+  config.data.crop_size = 256
+  # The border term pulls touching nuclei apart; class balancing is off (w_c = 1) because with it the network
+  # over-predicts the rare class (see the isbi2012 ablation in README.md); 'balanced' switches it on.
+  config.data.weight_map.enabled = True
+  config.data.weight_map.class_weights = None
   config.model.kwargs = ml_collections.ConfigDict(
     {"depth": 4, "base_width": 16, "norm": "batch", "upsample": "transpose", "dropout_rate": 0.0}
   )

@@ -15,43 +15,17 @@ and predict with all of them: ``experiments.predict --workdir=runs/mydata_folds`
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from experiments.configs import default
+from segjax.config import data_section
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the config; ``data.image_dir`` and ``data.mask_dir`` must be set."""
   config = default.get_config()
-  config.data = ml_collections.ConfigDict(
-    {
-      "name": "segmentation_folder",
-      "image_dir": config_dict.placeholder(str),
-      "mask_dir": config_dict.placeholder(str),
-      "instance_dir": config_dict.placeholder(str),
-      # dicts in a config file, or 'value:class,...' / 'split:file,...' on the command line
-      "mask_values": config_dict.placeholder(object),
-      "ignore_value": config_dict.placeholder(int),
-      "num_classes": 2,
-      "num_channels": 1,
-      "class_names": config_dict.placeholder(tuple),
-      "split_files": config_dict.placeholder(object),
-      "validation_fraction": 0.1,
-      "test_fraction": 0.0,
-      # k-fold cross-validation: num_folds K >= 2 validates on fold `fold` (0..K-1) of the non-test images
-      "num_folds": 0,
-      "fold": 0,
-      "border_sigma": 5.0,
-      "tfds_data_dir": config_dict.placeholder(str),
-      "train_split": "train",
-      "eval_split": "validation",
-      "test_split": "test",
-      "num_threads": 2,
-      "crop_size": 256,
-      "eval_size_multiple": 16,
-      "weight_map": {"enabled": False, "w0": 10.0, "class_weights": "balanced"},
-    }
-  )
+  config.data = data_section("segmentation_folder")  # its keys: segjax.data's registration, segjax/data/folder.py
+  config.data.crop_size = 256
+  config.data.eval_size_multiple = 16
   config.augment = ml_collections.ConfigDict({"ops": ("flip", "rot90", "scale_crop", "intensity")})
   config.model.kwargs.depth = 4
   config.num_train_steps = 2000

@@ -10,28 +10,20 @@ test split is scored at the end.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from experiments.configs import default
+from segjax.config import data_section
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the config."""
   config = default.get_config()
-  config.data = ml_collections.ConfigDict(
-    {
-      "name": "oxford_iiit_pet",
-      "tfds_data_dir": config_dict.placeholder(str),
-      "trimap_border": "ignore",
-      "train_split": "train[:90%]",
-      "eval_split": "train[90%:]",
-      "test_split": "test",
-      "num_threads": 4,
-      "crop_size": 256,
-      "eval_size_multiple": 32,
-      "weight_map": {"enabled": False, "w0": 10.0, "class_weights": "balanced"},
-    }
-  )
+  config.data = data_section("oxford_iiit_pet")  # data.trimap_border 'ignore' by default
+  config.data.train_split = "train[:90%]"
+  config.data.eval_split = "train[90%:]"
+  config.data.num_threads = 4
+  config.data.crop_size = 256
+  config.data.eval_size_multiple = 32
   config.model.name = "resnet34_unet"
   config.model.kwargs = ml_collections.ConfigDict()
   config.augment = ml_collections.ConfigDict({"ops": ("flip", "scale_crop", "intensity")})

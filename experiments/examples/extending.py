@@ -198,12 +198,13 @@ def square_example(rng: np.random.Generator, size: int, name: str) -> dict[str, 
   return make_example(name, (image * 255).round().astype(np.uint8)[..., None], mask)
 
 
-@register_dataset("toy_squares")
+# The data set's own config keys and their defaults: a config that does not set them gets these.
+@register_dataset("toy_squares", defaults={"image_size": 32, "num_train": 32, "data_seed": 0})
 def load_toy_squares(config: ml_collections.ConfigDict) -> Dataset:
-  """Generates ``toy_squares`` in memory: ``data.image_size`` (32) pixels square, ``data.num_train`` (32) training
-  images and 8 each for ``validation`` and ``test``, from ``data.data_seed`` (0)."""
-  size, seed = config.get("image_size", 32), config.get("data_seed", 0)
-  counts = {"train": config.get("num_train", 32), "validation": 8, "test": 8}
+  """Generates ``toy_squares`` in memory: ``data.image_size`` pixels square, ``data.num_train`` training images and 8
+  each for ``validation`` and ``test``, from ``data.data_seed``."""
+  size, seed = config.image_size, config.data_seed
+  counts = {"train": config.num_train, "validation": 8, "test": 8}
   splits = {}
   for index, (split, count) in enumerate(counts.items()):
     rng = np.random.default_rng([seed, index])

@@ -20,6 +20,11 @@ sub-dict of the same name (``augment.<op>.<parameter>``, defaults in the op's ke
 * ``noise`` (``max_std=0.05``): additive Gaussian noise on the image only.
 * ``blur`` (``min_sigma=0.0``, ``max_sigma=1.0``): Gaussian blur of the image only.
 
+For image classification (one label per image): ``hflip`` (left-right only), ``pad_crop`` (``padding=4``: the
+CIFAR crop of He et al. 2015) and ``random_resized_crop`` (``size=0`` (the input's), ``min_area=0.08``,
+``max_area=1.0``, ``min_ratio=3/4``, ``max_ratio=4/3``: the ImageNet crop); ``intensity``, ``noise`` and ``blur``
+work for both tasks.
+
 The geometric ops (``scale_crop``, ``rotate``, ``elastic``) share one resampler, :func:`warp`: each computes where
 every output pixel samples the input (a coordinate map) and ``warp`` resamples all arrays with it, the image
 bilinearly and label and weights by nearest neighbour (labels stay existing class ids; weights stay those of the label
@@ -384,6 +389,93 @@ def random_blur(
   return _with_image(example, key, probability, gaussian_blur(example["image"], sigma, math.ceil(3 * max_sigma)))
 
 
+# --- Image-level ops (classification: the label is one class per image) -------------------------------------------
+
+
+def _image_level(example: Example, name: str) -> None:
+  if example["label"].ndim:
+    raise SegjaxError(
+      f"augmentation {name} is for image classification (one label per image) but the labels are per pixel; use "
+      "flip / scale_crop for segmentation."
+    )
+
+
+def random_hflip(key: jax.Array, example: Example, *, probability: float = 1.0) -> Example:
+  """Left-right flip with probability 1/2 (no up-down flip: natural images have an up); per-pixel labels and
+  weights, if any, flip with the image."""
+  flip = jax.random.bernoulli(key, 0.5) & _applied(key, probability)
+  return {k: jnp.where(flip, v[:, ::-1], v) if v.ndim >= 2 else v for k, v in example.items()}
+
+
+def random_pad_crop(key: jax.Array, example: Example, *, padding: int = 4, probability: float = 1.0) -> Example:
+  """The CIFAR crop (He et al. 2015, Sec. 4.2): pad ``padding`` zero pixels on each side and take a random crop of
+  the original size (each offset uniform over the ``2 * padding + 1`` positions)."""
+  _image_level(example, "pad_crop")
+  image = example["image"]
+  height, width = image.shape[:2]
+  padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  top, left = jax.random.randint(key, (2,), 0, 2 * padding + 1)
+  top, left = jnp.where(_applied(key, probability), jnp.stack([top, left]), padding)
+  crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, image.shape[2]))
+  return {**example, "image": crop}
+
+
+def random_resized_crop_box(
+  key: jax.Array,
+  height: int,
+  width: int,
+  *,
+  min_area: float = 0.08,
+  max_area: float = 1.0,
+  min_ratio: float = 3 / 4,
+  max_ratio: float = 4 / 3,
+  attempts: int = 10,
+) -> jax.Array:
+  """``(top, left, h, w)`` of the Inception crop (Szegedy et al. 2015; torchvision's ``RandomResizedCrop``): an
+  area fraction uniform in [min_area, max_area] and an aspect ratio log-uniform in [min_ratio, max_ratio]; the first
+  of ``attempts`` draws that fits the image, else the whole image."""
+  k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+  area = height * width * jax.random.uniform(k_area, (attempts,), minval=min_area, maxval=max_area)
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (attempts,), minval=math.log(min_ratio), maxval=math.log(max_ratio)))
+  w = jnp.round(jnp.sqrt(area * ratio))
+  h = jnp.round(jnp.sqrt(area / ratio))
+  fits = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
+  first = jnp.argmax(fits)
+  h = jnp.where(fits[first], h[first], height)
+  w = jnp.where(fits[first], w[first], width)
+  top = jnp.floor(jax.random.uniform(k_top) * (height - h + 1))
+  left = jnp.floor(jax.random.uniform(k_left) * (width - w + 1))
+  return jnp.stack([top, left, h, w])
+
+
+def random_resized_crop(
+  key: jax.Array,
+  example: Example,
+  *,
+  size: int = 0,
+  min_area: float = 0.08,
+  max_area: float = 1.0,
+  min_ratio: float = 3 / 4,
+  max_ratio: float = 4 / 3,
+  probability: float = 1.0,
+) -> Example:
+  """The ImageNet training crop: a :func:`random_resized_crop_box` resized (bilinear) to ``size`` x ``size`` (0: the
+  input's size); when not applied, the whole image resized."""
+  _image_level(example, "random_resized_crop")
+  image = example["image"]
+  height, width = image.shape[:2]
+  out = size or height
+  box = random_resized_crop_box(
+    key, height, width, min_area=min_area, max_area=max_area, min_ratio=min_ratio, max_ratio=max_ratio
+  )
+  top, left, h, w = jnp.where(_applied(key, probability), box, jnp.asarray([0.0, 0.0, height, width]))
+  centres = (jnp.arange(out, dtype=jnp.float32) + 0.5) / out
+  rows = top + centres * h - 0.5
+  cols = left + centres * w - 0.5
+  coords = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"))
+  return {**example, "image": _resample(image, coords, 1, "nearest")}
+
+
 AUGMENTATIONS: Registry[Op] = Registry("augmentation", "augment.ops")
 """The augmentation ops by name. Metadata ``coordinates``: a geometric op's coordinate map, which `make_augment_fn`
 composes with its neighbours' into one `warp`."""
@@ -395,6 +487,9 @@ AUGMENTATIONS.register("elastic", random_elastic, coordinates=random_elastic_coo
 AUGMENTATIONS.register("intensity", random_intensity)
 AUGMENTATIONS.register("noise", random_noise)
 AUGMENTATIONS.register("blur", random_blur)
+AUGMENTATIONS.register("hflip", random_hflip)
+AUGMENTATIONS.register("pad_crop", random_pad_crop)
+AUGMENTATIONS.register("random_resized_crop", random_resized_crop)
 
 
 def _coordinates(name: str) -> Callable[..., Coordinates] | None:
@@ -433,6 +528,12 @@ PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
   "max_std": _NON_NEGATIVE,
   "min_sigma": _NON_NEGATIVE,
   "max_sigma": _NON_NEGATIVE,
+  "padding": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+  "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: the input's)"),
+  "min_area": (_in_range(0.0, 1.0), "a number in [0, 1]"),
+  "max_area": (_in_range(0.0, 1.0), "a number in [0, 1]"),
+  "min_ratio": _POSITIVE,
+  "max_ratio": _POSITIVE,
 }
 
 
@@ -499,7 +600,7 @@ def make_augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, E
   Raises:
     SegjaxError: for an unknown op name (config key ``augment.ops``) or parameter (``augment.<op>.<key>``).
   """
-  names = list(config.get("ops", ()))
+  names = list(config.ops)
   for name in names:
     AUGMENTATIONS.lookup(name)
   if not names:

@@ -243,7 +243,7 @@ def _detected_mask_values(masks: dict[str, str], num_classes: int, data: Mapping
     return ()
   paths = [masks[s] for s in sorted(masks)]
   sample = paths[:: max(1, len(paths) // 16)][:16]
-  seen = set().union(*(np.unique(read_label(p)).tolist() for p in sample)) - {data.get("ignore_value")}
+  seen = set().union(*(np.unique(read_label(p)).tolist() for p in sample)) - {data["ignore_value"]}
   if 255 in seen and seen <= {0, 255}:
     logging.info(
       "masks in %s hold 0 and 255: mapped to classes 0 and 1 (set data.mask_values to change)", data["mask_dir"]
@@ -259,32 +259,35 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
   that breaks this is named in a SegjaxError before anything is prepared (file headers only). Mask values without a
   class are found while preparing; TFDS then discards the partial output.
   """
+  from segjax.config import data_section
+
+  data = {**data_section("segmentation_folder").to_dict(), **data}  # the keys not given take their defaults
   for key in ("image_dir", "mask_dir"):
-    if not data.get(key):
+    if not data[key]:
       raise SegjaxError(f"config key data.{key} is not set; point it at the folder of {key.split('_')[0]}s.")
   if "{split}" in data["image_dir"]:
     return _split_folders_config(data)
   images = images_by_stem(data["image_dir"])
   masks = images_by_stem(data["mask_dir"])
-  instance_dir = data.get("instance_dir") or ""
+  instance_dir = data["instance_dir"] or ""
   instances = images_by_stem(instance_dir) if instance_dir else {}
   pair_by_stem(images, masks, what="mask", folder=data["mask_dir"])
   if instance_dir:
     pair_by_stem(images, instances, what="instance map", folder=instance_dir)
-  num_channels = int(data.get("num_channels") or 1)
+  num_channels = int(data["num_channels"])
   if num_channels not in (1, 3):
     raise SegjaxError(f"data.num_channels must be 1 or 3, got {num_channels}.")
-  num_classes = int(data.get("num_classes") or 2)
-  mask_values = _mask_value_pairs(data.get("mask_values")) or _detected_mask_values(masks, num_classes, data)
+  num_classes = int(data["num_classes"])
+  mask_values = _mask_value_pairs(data["mask_values"]) or _detected_mask_values(masks, num_classes, data)
   if bad := [c for _, c in mask_values if not 0 <= c < num_classes]:
     raise SegjaxError(f"data.mask_values maps to class {bad[0]}, outside 0..{num_classes - 1} (data.num_classes).")
   splits = assign_splits(
     list(images),
-    split_files=parse_pairs(data.get("split_files"), "data.split_files"),
-    validation_fraction=float(data.get("validation_fraction", 0.1)),
-    test_fraction=float(data.get("test_fraction", 0.0)),
-    num_folds=data.get("num_folds") or 0,
-    fold=data.get("fold", 0),
+    split_files=parse_pairs(data["split_files"], "data.split_files"),
+    validation_fraction=float(data["validation_fraction"]),
+    test_fraction=float(data["test_fraction"]),
+    num_folds=data["num_folds"] or 0,
+    fold=data["fold"],
   )
   logging.info("folder %s: %s", data["image_dir"], ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
   settings = {
@@ -292,12 +295,12 @@ def folder_config(data: Mapping[str, Any]) -> FolderConfig:
     "mask_dir": os.path.abspath(data["mask_dir"]),
     "instance_dir": os.path.abspath(instance_dir) if instance_dir else "",
     "mask_values": mask_values,
-    "ignore_value": int(data.get("ignore_value", -1) if data.get("ignore_value") is not None else -1),
+    "ignore_value": -1 if data["ignore_value"] is None else int(data["ignore_value"]),
     "num_classes": num_classes,
     "num_channels": num_channels,
     "sixteen_bit": num_channels == 1 and any(is_sixteen_bit(p) for p in images.values()),
     "splits": tuple((s, tuple(splits.get(s, ()))) for s in SPLITS),
-    "border_sigma": float(data.get("border_sigma", 5.0)),
+    "border_sigma": float(data["border_sigma"]),
   }
   files = sorted(images.values()) + sorted(masks.values()) + sorted(instances.values())
   return _named_config(settings, files)
@@ -307,10 +310,10 @@ def _split_folders_config(data: Mapping[str, Any]) -> FolderConfig:
   """:func:`folder_config` of a data set shipped as one folder per split: ``data.image_dir`` (and ``mask_dir``,
   ``instance_dir``) hold ``{split}``, filled in with the names of :data:`SPLIT_FOLDER_NAMES`
   (``--config.data.image_dir=/data/camvid/{split} --config.data.mask_dir=/data/camvid/{split}annot``)."""
-  templates = {key: data.get(key) or "" for key in ("image_dir", "mask_dir", "instance_dir")}
+  templates = {key: data[key] or "" for key in ("image_dir", "mask_dir", "instance_dir")}
   if bad := [key for key in ("mask_dir", "instance_dir") if templates[key] and "{split}" not in templates[key]]:
     raise SegjaxError(f"data.image_dir holds {{split}}, so data.{bad[0]} must too (e.g. '.../{{split}}annot').")
-  if data.get("split_files") or data.get("num_folds"):
+  if data["split_files"] or data["num_folds"]:
     raise SegjaxError(
       "per-split folders ({split} in data.image_dir) are the split; unset data.split_files / num_folds."
     )

@@ -77,9 +77,8 @@ def create_model(config: Any, num_classes: int, **overrides) -> nn.Module:
   ``overrides`` set attributes the run decides rather than the model config, e.g. ``dtype`` (half precision) or
   ``bn_axis_name`` (pmap).
   """
-  kernels = config.get("kernels", "auto")  # configs saved before the key existed
-  chosen = {} if kernels == "auto" else {"kernels": kernels}
-  return get_model(config.name, num_classes=num_classes, **{**config.get("kwargs", {}), **chosen, **overrides})
+  chosen = {} if config.kernels == "auto" else {"kernels": config.kernels}
+  return get_model(config.name, num_classes=num_classes, **{**config.kwargs, **chosen, **overrides})
 
 
 # Imported last: these modules register themselves with the registry defined above.

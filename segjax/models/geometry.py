@@ -54,4 +54,4 @@ def same_padded(multiple: int, depth: int) -> Geometry:
 
 def eval_geometry(model: nn.Module, data_config: Any) -> Geometry:
   """The geometry for whole images: same-padded inputs rounded up to ``data.eval_size_multiple`` (default 1)."""
-  return model_geometry(model, multiple=data_config.get("eval_size_multiple", 1))
+  return model_geometry(model, multiple=data_config.eval_size_multiple)

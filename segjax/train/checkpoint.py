@@ -19,6 +19,7 @@ from flax import serialization
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as preservation
 
+from segjax.config import with_defaults
 from segjax.errors import SegjaxError
 from segjax.train.state import TrainState
 
@@ -130,8 +131,10 @@ def restore_latest(
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      saved = ml_collections.ConfigDict(
-        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      saved = with_defaults(
+        ml_collections.ConfigDict(
+          manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        )
       )
     except Exception as e:  # noqa: BLE001 - any failure to read the config means damaged files
       _set_aside(manager, step, e)
@@ -281,7 +284,8 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[ml_collection
     raise SegjaxError(f"no checkpoint at step {step} in '{directory}'; available steps: {sorted(steps)}.")
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   manager.close()
-  return ml_collections.ConfigDict(restored["config"]), step
+  # a config saved before a key existed takes its default (what that version did)
+  return with_defaults(ml_collections.ConfigDict(restored["config"])), step
 
 
 def config_differences(

@@ -9,7 +9,6 @@ evaluates the validation and test splits and writes the outputs (:mod:`segjax.tr
 The names of the setup, evaluation and output modules are also importable from here, where they lived before.
 """
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,23 +122,24 @@ def train_and_evaluate(
       does not fit the config, or a non-finite loss.
   """
   experiment = build(config, devices=devices, make_objective=make_objective, make_step=make_step, workdir=workdir)
+  config = experiment.config  # with every default filled in (segjax.config.with_defaults)
   is_main = jax.process_index() == 0
-  mesh, dataset, total_steps = experiment.mesh, experiment.dataset, config.num_train_steps
+  mesh, total_steps = experiment.mesh, config.num_train_steps
   state = experiment.initial_state()
   if is_main:
     print(
       f"model {config.model.name}: {count_params(state.params):,} parameters; {mesh.size} devices in "
-      f"{jax.process_count()} processes ({config.get('parallelism', 'jit')}); workdir {workdir}"
+      f"{jax.process_count()} processes ({config.parallelism}); workdir {workdir}"
     )
 
   saved_config = experiment.run_config()
-  best_metric = config.get("checkpoint_best_metric") or None
+  best_metric = config.checkpoint_best_metric or None
   manager = checkpoint.create_manager(
     workdir,
     max_to_keep=config.max_checkpoints_to_keep,
     best_metric=best_metric,
-    best_mode=config.get("checkpoint_best_mode", "max"),
-    keep_best=config.get("max_best_checkpoints_to_keep", 1),
+    best_mode=config.checkpoint_best_mode,
+    keep_best=config.max_best_checkpoints_to_keep,
   )
   restored = checkpoint.restore_latest(manager, state, saved_config) if manager.all_steps() else None
   if restored is not None:
@@ -184,7 +184,7 @@ def train_and_evaluate(
           eval_seconds += time.perf_counter() - eval_start
           writer.write(step, "validation", val_metrics)
           if is_main:
-            bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, mean IoU {val_metrics['mean_iou']:.4f}")
+            bar.write(f"step {step}: validation loss {val_metrics['loss']:.4f}, {experiment.headline(val_metrics)}")
         if checkpoint_now:
           ranked = step_metrics if best_metric and step_metrics and best_metric in step_metrics else None
           checkpoint.save(manager, state, saved_config, experiment.data_state(step), metrics=ranked)
@@ -217,14 +217,6 @@ def train_and_evaluate(
   if experiment.test_source is not None:
     summary["test"] = experiment.evaluate(eval_state, experiment.test_source)
   if is_main:
-    predict = functools.partial(
-      predict_split,
-      eval_state,
-      experiment.eval_step,
-      num_classes=dataset.num_classes,
-      geometry=experiment.geometry,
-      batch_size=1,
-    )
-    write_outputs(predict, config, experiment.eval_source, experiment.test_source, workdir, summary)
-    print(format_summary(summary, dataset.class_names))
+    experiment.write_outputs(eval_state, workdir, summary)
+    print(experiment.format_summary(summary))
   return summary

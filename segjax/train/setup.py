@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from segjax.config import with_defaults
 from segjax.data import DATASETS, Dataset, load_dataset
 from segjax.data.augment import make_augment_fn
 from segjax.data.instance_targets import InstanceSettings, with_instance_targets
@@ -33,6 +34,10 @@ from segjax.train.optim import create_optimizer, create_schedule
 from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
 from segjax.train.step import make_eval_step, make_train_step, predict_logits
 
+TASKS = ("segmentation", "classification")
+"""What an experiment learns (config key ``task``): a class per pixel, or a class per image
+(:mod:`segjax.train.classification`)."""
+
 POSITIVE_KEYS = (
   "batch_size",
   "eval_batch_size",
@@ -47,29 +52,31 @@ POSITIVE_KEYS = (
 def _check_values(config: ml_collections.ConfigDict) -> None:
   """The intervals, sizes and choices of a config that no builder below checks."""
   for key in POSITIVE_KEYS:
-    value = config.get(key)
+    value = config[key]
     if not isinstance(value, int) or value <= 0:
       raise SegjaxError(f"config key {key} must be a positive integer, got {value!r}.")
   DATASETS.lookup(config.data.name)
-  if config.get("eval_tta", "none") not in TTA_TRANSFORMS:
+  if config.task not in TASKS:
+    raise SegjaxError(f"unknown task {config.task!r} (config key task); available: {', '.join(TASKS)}.")
+  if config.eval_tta not in TTA_TRANSFORMS:
     raise SegjaxError(
       f"unknown eval_tta '{config.eval_tta}' (config key eval_tta); available: {', '.join(TTA_TRANSFORMS)}."
     )
-  crop_size = config.data.get("crop_size")
+  crop_size = config.data.crop_size
   if crop_size is not None and (not isinstance(crop_size, int) or crop_size <= 0):
     raise SegjaxError(f"config key data.crop_size must be a positive integer or None, got {crop_size!r}.")
-  if config.get("parallelism", "jit") not in parallel.PARALLELISMS:
+  if config.parallelism not in parallel.PARALLELISMS:
     raise SegjaxError(
       f"unknown parallelism '{config.parallelism}' (config key parallelism); available: "
       f"{', '.join(parallel.PARALLELISMS)}."
     )
   compute_dtype(config)
-  accum = config.get("grad_accum_steps", 1)
+  accum = config.grad_accum_steps
   if not isinstance(accum, int) or accum <= 0:
     raise SegjaxError(f"config key grad_accum_steps must be a positive integer, got {accum!r}.")
-  if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
+  if not 0.0 <= config.ema_decay < 1.0:
     raise SegjaxError(f"config key ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay!r}.")
-  if config.get("checkpoint_best_mode", "max") not in ("max", "min"):
+  if config.checkpoint_best_mode not in ("max", "min"):
     raise SegjaxError(f"config key checkpoint_best_mode must be 'max' or 'min', got {config.checkpoint_best_mode!r}.")
 
 
@@ -86,31 +93,40 @@ class _DataFree:
   evaluator_fns: tuple[Callable, ...]
 
 
-def _data_free_parts(config: ml_collections.ConfigDict, model_overrides: dict | None = None) -> _DataFree:
-  import_modules(config.get("imports", ()))
+def build_model(config: ml_collections.ConfigDict, num_classes: int, *, training: bool = True) -> nn.Module:
+  """The experiment's model for a data set of ``num_classes`` classes: as many outputs as the loss takes, activations
+  in the config's precision and, for training under pmap, BatchNorm statistics averaged over the devices. Training
+  (:func:`build`) and prediction (:func:`segjax.inference.load_predictor`) both build their model here."""
+  pmap = training and config.parallelism == "pmap"
+  overrides = {"dtype": compute_dtype(config)} | ({"bn_axis_name": parallel.DATA_AXIS} if pmap else {})
+  return create_model(config.model, model_outputs(config.loss, num_classes), **overrides)
+
+
+def _data_free_parts(config: ml_collections.ConfigDict) -> _DataFree:
+  import_modules(config.imports)
   _check_values(config)
-  instances = InstanceSettings.from_config(config.get("instances"))
+  instances = InstanceSettings.from_config(config.instances)
   return _DataFree(
-    model=create_model(config.model, 2, **(model_overrides or {})),
+    model=build_model(config, 2),
     loss_fn=get_loss(config.loss),
     augment_fn=make_augment_fn(config.augment),
     tx=create_optimizer(config.optimizer, config.num_train_steps),
     schedule=create_schedule(config.optimizer, config.num_train_steps),
     instances=instances,
-    evaluator_fns=get_evaluators(config.get("evaluators", ()), instances=instances),
+    evaluator_fns=get_evaluators(config.evaluators, instances=instances),
   )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every name, interval and choice of an experiment config without preparing any data (what
   :func:`build` checks first); a SegjaxError names the key."""
-  _data_free_parts(config)
+  _data_free_parts(with_defaults(config))
 
 
 def check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
   """The global batch must split over the devices, and each device's share over the gradient micro-batches."""
   parallel.check_batch_size(config.batch_size, mesh)
-  accum = config.get("grad_accum_steps", 1)
+  accum = config.grad_accum_steps
   per_device = config.batch_size // mesh.size
   if per_device % accum:
     raise SegjaxError(
@@ -126,7 +142,7 @@ def training_geometry(config: ml_collections.ConfigDict, model, dataset: Dataset
     SegjaxError: if images differ in size and no ``data.crop_size`` is set, or the tile does not fit the model.
   """
   geometry = model_geometry(model)
-  crop_size = config.data.get("crop_size")
+  crop_size = config.data.crop_size
   if crop_size is None:
     if not dataset.same_size:
       raise SegjaxError(
@@ -149,14 +165,14 @@ def training_geometry(config: ml_collections.ConfigDict, model, dataset: Dataset
 
 def weight_map_of(config: ml_collections.ConfigDict, dataset: Dataset, train_source: Any) -> WeightMap | None:
   """The U-Net weight map set up by ``data.weight_map`` (None when disabled); 'balanced' counts training pixels."""
-  spec = config.data.get("weight_map")
-  if not spec or not spec.get("enabled", False):
+  spec = config.data.weight_map
+  if not spec.enabled:
     return None
   if not dataset.has_instances:
     raise SegjaxError(
       f"data.weight_map needs instance maps, which dataset '{dataset.name}' does not have; disable data.weight_map."
     )
-  class_weights = spec.get("class_weights", "balanced")
+  class_weights = spec.class_weights
   if class_weights == "balanced":
     from segjax.weight_maps import class_balance_from_counts
 
@@ -168,7 +184,7 @@ def weight_map_of(config: ml_collections.ConfigDict, dataset: Dataset, train_sou
       f"data.weight_map.class_weights has {len(class_weights)} values for {dataset.num_classes} classes; give one "
       "per class or 'balanced'."
     )
-  return WeightMap(tuple(float(w) for w in class_weights), float(spec.get("w0", 10.0)))
+  return WeightMap(tuple(float(w) for w in class_weights), float(spec.w0))
 
 
 def training_batches(
@@ -311,14 +327,18 @@ class Experiment:
 
   @property
   def use_pmap(self) -> bool:
-    return self.config.get("parallelism", "jit") == "pmap"
+    return self.config.parallelism == "pmap"
 
   def initial_state(self) -> TrainState:
     """The step-0 state from ``config.seed``, checked to give per-pixel logits, placed on the mesh."""
-    ema = self.config.get("ema_decay", 0.0) > 0
+    ema = self.config.ema_decay > 0
     rng = jax.random.PRNGKey(self.config.seed)
     state = create_train_state(rng, self.model, self.tx, self.input_shape, ema=ema, loss_scale=self.loss_scale)
     check_segmentation_output(state, self.input_shape, self.config.model.name)
+    if self.config.model.init_from:  # e.g. an ImageNet ResNet encoder
+      from segjax.train.finetune import init_from
+
+      state = init_from(state, self.config.model.init_from, ema=ema)
     # pmap takes the state as it is (in_axes=None); jit wants it replicated over the mesh
     return state if self.use_pmap else parallel.replicate(state, self.mesh)
 
@@ -337,11 +357,36 @@ class Experiment:
       batch_size=self.config.eval_batch_size,
       num_classes=self.dataset.num_classes,
       geometry=self.geometry,
-      evaluators=tuple(self.config.get("evaluators", ())),
+      evaluators=tuple(self.config.evaluators),
       instances=self.instances,
       mesh=self.mesh,
       evaluator_fns=self.evaluator_fns,
     )
+
+  @staticmethod
+  def headline(metrics: dict[str, float]) -> str:
+    """The validation scores the progress bar prints after an evaluation."""
+    return f"mean IoU {metrics['mean_iou']:.4f}"
+
+  def write_outputs(self, state: TrainState, workdir: str, summary: dict) -> None:
+    """Curves, the validation sample grid, ``summary.json`` and test images (:mod:`segjax.train.outputs`)."""
+    from segjax.train.outputs import write_outputs
+
+    predict = functools.partial(
+      evaluation.predict_split,
+      state,
+      self.eval_step,
+      num_classes=self.dataset.num_classes,
+      geometry=self.geometry,
+      batch_size=1,
+    )
+    write_outputs(predict, self.config, self.eval_source, self.test_source, workdir, summary)
+
+  def format_summary(self, summary: dict) -> str:
+    """The per-class IoU / Dice table (:func:`segjax.train.outputs.format_summary`)."""
+    from segjax.train.outputs import format_summary
+
+    return format_summary(summary, self.dataset.class_names)
 
   def run_config(self) -> ml_collections.ConfigDict:
     """The config saved with each checkpoint (:func:`run_config`)."""
@@ -374,18 +419,26 @@ def build(
     SegjaxError: for a bad config value or name, a batch that does not split over the devices, or a model that does
       not fit the data.
   """
-  use_pmap = config.get("parallelism", "jit") == "pmap"
-  dtype = compute_dtype(config)
-  overrides = {"dtype": dtype} | ({"bn_axis_name": parallel.DATA_AXIS} if use_pmap else {})
-  parts = _data_free_parts(config, overrides)
+  config = with_defaults(config)
+  use_pmap = config.parallelism == "pmap"
+  parts = _data_free_parts(config)
   if workdir is not None:
     check_workdir(workdir)
   mesh = parallel.create_mesh(devices)
   check_divisible(config, mesh)
+  if config.task == "classification":
+    from segjax.train.classification import build_classifier
+
+    return build_classifier(config, parts, mesh=mesh, make_objective=make_objective, make_step=make_step)
   dataset = with_instance_targets(load_dataset(config.data), parts.instances)
-  check_evaluators(config.get("evaluators", ()), dataset.has_instances)
+  if dataset.task != "segmentation":
+    raise SegjaxError(
+      f"data set '{dataset.name}' has one label per image, not per pixel; set config.task = 'classification' (and a "
+      "classifier model) or pick a segmentation data set."
+    )
+  check_evaluators(config.evaluators, dataset.has_instances)
   train_source = dataset.split(config.data.train_split)
-  test_split = config.data.get("test_split")
+  test_split = config.data.test_split
   model = parts.model.clone(num_classes=model_outputs(config.loss, dataset.num_classes))
   first_shape = np.asarray(train_source[0]["image"]).shape
   geometry, crop_size = training_geometry(config, model, dataset, first_shape)
@@ -393,12 +446,12 @@ def build(
     parts.loss_fn,
     parts.augment_fn,
     axis_name=parallel.DATA_AXIS if use_pmap else None,
-    grad_accum_steps=config.get("grad_accum_steps", 1),
-    ema_decay=config.get("ema_decay", 0.0),
+    grad_accum_steps=config.grad_accum_steps,
+    ema_decay=config.ema_decay,
     objective=make_objective(parts.loss_fn) if make_objective else None,
   )
-  train_step, place_batch = parallel.compile_train_step(step_fn, mesh, config.get("parallelism", "jit"))
-  tta = config.get("eval_tta", "none")
+  train_step, place_batch = parallel.compile_train_step(step_fn, mesh, config.parallelism)
+  tta = config.eval_tta
   predict = predict_logits if tta == "none" else functools.partial(tta_log_probabilities, tta=tta)
   return Experiment(
     config=config,
@@ -417,7 +470,7 @@ def build(
     augment_fn=parts.augment_fn,
     tx=parts.tx,
     schedule=parts.schedule,
-    loss_scale=LossScale.create() if dtype == jnp.float16 else None,
+    loss_scale=LossScale.create() if compute_dtype(config) == jnp.float16 else None,
     train_step=train_step,
     place_batch=place_batch,
     eval_step=jax.jit(make_eval_step(parts.loss_fn, dataset.num_classes, predict=predict)),

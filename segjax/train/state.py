@@ -20,9 +20,9 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
   Parameters and optimizer state stay float32 either way; float16 also turns on dynamic loss scaling.
   """
-  if not config.get("half_precision", False):
+  if not config.half_precision:
     return jnp.float32
-  name = config.get("half_precision_dtype", "bfloat16")
+  name = config.half_precision_dtype
   if name not in HALF_PRECISION_DTYPES:
     raise SegjaxError(
       f"config key half_precision_dtype must be one of {', '.join(HALF_PRECISION_DTYPES)}, got {name!r}."

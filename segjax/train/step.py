@@ -39,7 +39,10 @@ def predict_logits(state: TrainState, images: jax.Array) -> jax.Array:
 
 
 def crop_targets(batch: Batch, logits: jax.Array) -> Batch:
-  """Centre-crops ``label`` and ``weights`` to the logits' size (the unpadded U-Net's output is smaller)."""
+  """Centre-crops ``label`` and ``weights`` to the logits' size (the unpadded U-Net's output is smaller); image-level
+  labels (classification: logits (B, C)) are left as they are."""
+  if logits.ndim != 4:
+    return batch
   height, width = logits.shape[1:3]
   if batch["label"].shape[1:3] == (height, width):
     return batch
