@@ -262,6 +262,7 @@ def test_a_resnet20_run_on_generated_shapes_lowers_the_loss_and_beats_chance(tra
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     train = [r for r in map(json.loads, f) if r["split"] == "train"]
   assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+  assert "accuracy" in train[-1] and "pixel_accuracy" not in train[-1]
   chance = 1 / len(SHAPES)
   assert summary["validation"]["accuracy"] > chance + 0.15 and summary["test"]["accuracy"] > chance + 0.15
   assert summary["validation"]["top5_accuracy"] >= summary["validation"]["accuracy"]
@@ -363,3 +364,19 @@ def test_fine_tuning_from_torchvision_weights_replaces_only_the_head(tmp_path):
   changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), tuned.params, fresh.params)
   assert {k for k, v in changed.items() if not any(jax.tree_util.tree_leaves(v))} == {"fc"}
   assert optax.global_norm(tuned.params) != optax.global_norm(fresh.params)
+
+
+def test_a_classifier_trains_under_pmap_with_ema_in_bfloat16_and_predicts(tmp_path):
+  from segjax.inference import load_predictor
+  from segjax.train.loop import train_and_evaluate
+
+  config = _tiny("cifar10_resnet")
+  config.update(parallelism="pmap", ema_decay=0.9, half_precision=True, num_train_steps=4, log_every_steps=2)
+  config.data.update(num_train=64, num_validation=16, num_test=16)
+  config.eval_every_steps = config.checkpoint_every_steps = 4
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert summary["steps"] == 4 and np.isfinite(summary["validation"]["loss"])
+  predictor = load_predictor(str(tmp_path))
+  assert predictor.config.half_precision and predictor.state.params["conv1"]["kernel"].dtype == jnp.float32
+  probabilities = predictor.predict(np.zeros((32, 32, 3), np.uint8))
+  assert probabilities.shape == (len(SHAPES),) and probabilities.sum() == pytest.approx(1.0, abs=1e-5)

@@ -33,7 +33,7 @@ from segjax.metrics import confusion_matrix, summarize_classification, top_k_cor
 from segjax.train import parallel
 from segjax.train.evaluation import _pad_examples, _Strided
 from segjax.train.state import LossScale, TrainState, compute_dtype, create_train_state
-from segjax.train.step import predict_logits
+from segjax.train.step import make_train_step, predict_logits
 
 TOP_K = 5
 """The k of the reported top-k accuracy (ImageNet's top-5)."""
@@ -313,6 +313,7 @@ def build_classifier(
     grad_accum_steps=config.grad_accum_steps,
     ema_decay=config.ema_decay,
     objective=make_objective(parts.loss_fn) if make_objective else None,
+    **({"accuracy_name": "accuracy"} if make_step is make_train_step else {}),  # a step of one's own keeps its names
   )
   train_step, place_batch = parallel.compile_train_step(step_fn, mesh, config.parallelism)
   test_split = config.data.test_split

@@ -186,6 +186,7 @@ def make_train_step(
   grad_accum_steps: int = 1,
   ema_decay: float = 0.0,
   objective: Callable | None = None,
+  accuracy_name: str = "pixel_accuracy",
 ) -> Callable[[TrainState, Batch], tuple]:
   """Builds the pure train step.
 
@@ -200,6 +201,7 @@ def make_train_step(
     grad_accum_steps: micro-batches per step (:func:`make_gradient_fn`).
     ema_decay: if positive, ``state.ema`` (see :func:`~segjax.train.state.create_train_state`) follows the weights.
     objective: what is differentiated, see :func:`make_gradient_fn`; the logged ``loss`` is its value.
+    accuracy_name: the metric name of the batch's accuracy (``'accuracy'`` for image classification).
 
   Returns:
     ``train_step(state, batch) -> (new_state, metrics)`` with metrics ``loss``, ``pixel_accuracy``,
@@ -221,7 +223,7 @@ def make_train_step(
     if axis_name is not None:
       grads, loss, accuracy, batch_stats = jax.lax.pmean((grads, loss, accuracy, batch_stats), axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = {"loss": loss, "pixel_accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, accuracy_name: accuracy, "grad_norm": optax.global_norm(grads)}
     if state.loss_scale is not None:  # float16: skip the update of a step with non-finite gradients
       finite = all_finite(grads)
       keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
