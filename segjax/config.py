@@ -41,6 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_threads = 2
   config.data.crop_size = config_dict.placeholder(int)  # None: train on whole images
   config.data.eval_size_multiple = 1  # whole images are padded up to a multiple of this for evaluation
+  # Intensities -> [0, 1] (segjax.data.pipeline.Normalization): 'scale' by the bit depth; 'percentile' then clips to
+  # data.intensity_range (low, high) in those units and stretches it; 'image_percentile' uses each image's 0.5 / 99.5
+  # percentiles instead
+  config.data.normalization = "scale"
+  config.data.intensity_range = ()
   # The U-Net weight map w = w_c + w0 * border term (Ronneberger et al. 2015, Eq. 2); class_weights 'balanced' counts
   # the training pixels, or give one weight per class.
   config.data.weight_map = ml_collections.ConfigDict({"enabled": False, "w0": 10.0, "class_weights": "balanced"})

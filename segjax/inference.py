@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segjax import viz
 from segjax.data.instance_targets import InstanceSettings
-from segjax.data.pipeline import normalize_image, pad_image_for_model
+from segjax.data.pipeline import Normalization, normalize_image, pad_image_for_model
 from segjax.errors import SegjaxError
 from segjax.models.geometry import Geometry, eval_geometry
 from segjax.registry import import_modules
@@ -82,7 +82,7 @@ class Predictor:
     tiling = tiling or Tiling()
     mode, tile = self.resolve(image.shape, tiling)
     height, width = image.shape[:2]
-    normalized = normalize_image(image)
+    normalized = normalize_image(image, Normalization.from_config(self.config.data))
     if mode == "whole":
       padded = pad_image_for_model(normalized, self.geometry)
       single = jax.tree_util.tree_map(lambda x: x.addressable_data(0), self.state)

@@ -176,6 +176,22 @@ def plan_settings(
   if mapping:
     rows.append(Setting("data.mask_values", mapping, "mask values mapped to consecutive class ids"))
   rows.append(Setting("data.num_channels", fp["channels"], f"{fp['channels']}-channel {fp['bit_depth']}-bit images"))
+  low = min(stats["p0.5"] for stats in fp["intensity"])
+  high = max(stats["p99.5"] for stats in fp["intensity"])
+  if high - low < 0.5:  # e.g. 16-bit EM or dim fluorescence using a fraction of the range
+    rows.append(
+      Setting(
+        "data.normalization",
+        "percentile",
+        f"0.5-99.5 percentiles {low:.3f}-{high:.3f} use {high - low:.0%} of the range: clipped and stretched "
+        "(nnU-Net's CT scheme)",
+      )
+    )
+    rows.append(
+      Setting("data.intensity_range", (round(low, 5), round(high, 5)), "the fingerprint's 0.5 / 99.5 percentiles")
+    )
+  else:
+    rows.append(Setting("data.normalization", "scale", f"0.5-99.5 percentiles use {high - low:.0%} of the range"))
   freqs = [f for v, f in fp["value_frequencies"].items() if int(v) != 0]
   rare = min(freqs) if freqs else 1.0
   if rare < 0.05:

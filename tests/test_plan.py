@@ -68,6 +68,7 @@ def _fingerprint(**overrides):
     "bit_depth": 8,
     "mask_values": [0, 1],
     "value_frequencies": {"0": 0.7, "1": 0.3},
+    "intensity": [{"mean": 0.5, "std": 0.2, "p0.5": 0.02, "p99.5": 0.98}],
   }
   fp.update(overrides)
   return fp
@@ -103,6 +104,9 @@ def test_plan_rules_on_edge_cases():
   assert cells["evaluators"] == ("instances",)
   apart = _rows(_fingerprint(objects={**objects, "touching_fraction": 0.01}))
   assert "instances.targets" not in apart
+  assert cpu["data.normalization"] == "scale" and "data.intensity_range" not in cpu
+  dim = _rows(_fingerprint(bit_depth=16, intensity=[{"mean": 0.05, "std": 0.01, "p0.5": 0.012, "p99.5": 0.094}]))
+  assert dim["data.normalization"] == "percentile" and dim["data.intensity_range"] == (0.012, 0.094)
 
 
 def test_the_number_of_steps_scales_with_the_budget():

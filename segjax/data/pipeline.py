@@ -25,10 +25,63 @@ from segjax.models.geometry import Geometry
 Example = dict[str, np.ndarray]
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 (or uint16) image (H, W, C) -> float32 in [0, 1]. Training and prediction both go through here."""
-  scale = 65535.0 if image.dtype == np.uint16 else 255.0
-  return image.astype(np.float32) / scale
+NORMALIZATIONS = ("scale", "percentile", "image_percentile")
+"""How raw intensities become the model's [0, 1] input (config key ``data.normalization``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """How an image's raw intensities map to [0, 1] (config keys ``data.normalization``, ``data.intensity_range``).
+
+  * ``'scale'``: divided by the largest value of the dtype (255 or 65535).
+  * ``'percentile'``: scaled as ``'scale'``, then clipped to the data set's ``(low, high)`` (in those [0, 1] units: the
+    0.5 and 99.5 percentiles that ``experiments.plan``'s fingerprint reports) and mapped linearly onto [0, 1], so
+    that a 16-bit image using a tenth of its range fills the input: nnU-Net's CT scheme (Isensee et al.
+    2021), whose outlier clipping is what matters here; its global z-score after the clipping is an affine map of
+    the input, which the first convolution and its normalisation absorb, so [0, 1] is kept for the intensity
+    augmentations.
+  * ``'image_percentile'``: the same with each image's own 0.5 / 99.5 percentiles (per channel), for data whose
+    brightness varies between images (nnU-Net's per-image scheme, range-preserving).
+  """
+
+  mode: str = "scale"
+  low: float | None = None
+  high: float | None = None
+
+  @classmethod
+  def from_config(cls, data: Any) -> "Normalization":
+    """From a ``data`` config section; a SegjaxError names the key of a bad value."""
+    mode = data.normalization
+    if mode not in NORMALIZATIONS:
+      raise SegjaxError(f"unknown data.normalization {mode!r}; available: {', '.join(NORMALIZATIONS)}.")
+    if mode != "percentile":
+      return cls(mode)
+    bounds = tuple(data.intensity_range or ())
+    if len(bounds) != 2 or not 0.0 <= float(bounds[0]) < float(bounds[1]) <= 1.0:
+      raise SegjaxError(
+        f"data.normalization 'percentile' needs data.intensity_range = (low, high) with 0 <= low < high <= 1 "
+        f"(fractions of the bit depth's range), got {data.intensity_range!r}; experiments.plan prints the data set's "
+        "0.5 and 99.5 percentiles."
+      )
+    return cls(mode, float(bounds[0]), float(bounds[1]))
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 / uint16 -> float32 in [0, 1]."""
+    scaled = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
+    if self.mode == "scale":
+      return scaled
+    if self.mode == "percentile":
+      low, high = np.float32(self.low), np.float32(self.high)
+    else:
+      low, high = np.percentile(scaled, (0.5, 99.5), axis=(0, 1)).astype(np.float32)
+      high = np.maximum(high, low + np.float32(1e-6))  # a flat image (or channel) maps to 0
+    return np.clip((scaled - low) / (high - low), 0.0, 1.0)
+
+
+def normalize_image(image: np.ndarray, normalization: Normalization | None = None) -> np.ndarray:
+  """uint8 (or uint16) image (H, W, C) -> float32 in [0, 1] by ``normalization`` (default ``'scale'``). Training,
+  evaluation and prediction all go through here."""
+  return (normalization or Normalization())(image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +97,18 @@ class WeightMap:
   w0: float = 10.0
 
 
-def to_model_inputs(features: Mapping[str, Any], num_classes: int, weight_map: WeightMap | None = None) -> Example:
+def to_model_inputs(
+  features: Mapping[str, Any],
+  num_classes: int,
+  weight_map: WeightMap | None = None,
+  normalization: Normalization | None = None,
+) -> Example:
   """Decoded dataset features -> the model's inputs.
 
   Returns:
-    ``image`` float32 (H, W, C) in [0, 1], ``label`` int32 (H, W) and ``weights`` float32 (H, W): 0 where the mask
-    holds no class (``features.IGNORE_LABEL`` or any value >= ``num_classes``; the label is set to 0 there), else 1,
-    or the weight map's value when one is given.
+    ``image`` float32 (H, W, C) in [0, 1] (:func:`normalize_image` by ``normalization``), ``label`` int32 (H, W)
+    and ``weights`` float32 (H, W): 0 where the mask holds no class (``features.IGNORE_LABEL`` or any value >=
+    ``num_classes``; the label is set to 0 there), else 1, or the weight map's value when one is given.
   """
   label = np.asarray(features["mask"])[..., 0].astype(np.int32)
   valid = label < num_classes
@@ -60,7 +118,7 @@ def to_model_inputs(features: Mapping[str, Any], num_classes: int, weight_map: W
     class_weights = np.asarray(weight_map.class_weights, np.float32)
     border = np.asarray(features["border_weights"], np.float32)
     weights *= class_weights[label] + np.float32(weight_map.w0) * border
-  return {"image": normalize_image(np.asarray(features["image"])), "label": label, "weights": weights}
+  return {"image": normalize_image(np.asarray(features["image"]), normalization), "label": label, "weights": weights}
 
 
 def split_class_counts(source: Any, num_classes: int) -> np.ndarray:

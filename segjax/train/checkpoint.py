@@ -302,8 +302,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   for key, value in tree.items():
     if isinstance(value, dict):
       out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
+    else:  # a tuple comes back from the checkpoint's JSON as a list: the same value
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
   return out
 
 

@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from segjax.data.instance_targets import InstanceSettings
-from segjax.data.pipeline import eval_batches, to_model_inputs
+from segjax.data.pipeline import Normalization, eval_batches, to_model_inputs
 from segjax.metrics import summarize_confusion
 from segjax.models.geometry import Geometry
 from segjax.train import parallel
@@ -33,6 +33,7 @@ def evaluate(
   instances: InstanceSettings | None = None,
   mesh: Mesh | None = None,
   evaluator_fns: Sequence[Callable] | None = None,
+  normalization: Normalization | None = None,
 ) -> dict[str, float]:
   """Runs ``eval_step`` over a whole split and returns the split's loss and metrics.
 
@@ -47,11 +48,12 @@ def evaluate(
     mesh: the training mesh; None evaluates on the default device.
     evaluator_fns: the ``evaluators`` already built (:func:`segjax.train.evaluators.get_evaluators`, as
       :func:`segjax.train.setup.build` does once per run); by default built here from the names.
+    normalization: how the images' intensities become the model's input (``data.normalization``; default 'scale').
   """
   if evaluator_fns is None:
     evaluator_fns = get_evaluators(evaluators, instances=instances)
   keep = evaluator_keys(evaluators)
-  prepare = functools.partial(to_model_inputs, num_classes=num_classes)
+  prepare = functools.partial(to_model_inputs, num_classes=num_classes, normalization=normalization)
   if jax.process_count() > 1:
     source = _Strided(source, jax.process_index(), jax.process_count())
   devices = parallel.local_devices(mesh) if mesh is not None else jax.local_devices()[:1]
@@ -124,11 +126,19 @@ def _nanmean(values: list[float]) -> float:
 
 
 def predict_split(
-  state: TrainState, eval_step, source: Any, *, batch_size: int, num_classes: int, geometry: Geometry, limit: int
+  state: TrainState,
+  eval_step,
+  source: Any,
+  *,
+  batch_size: int,
+  num_classes: int,
+  geometry: Geometry,
+  limit: int,
+  normalization: Normalization | None = None,
 ) -> tuple[list[np.ndarray], ...]:
   """Images, labels and predicted label maps (each at its image's size) of the first ``limit`` examples of a split."""
   images, labels, predictions = [], [], []
-  prepare = functools.partial(to_model_inputs, num_classes=num_classes)
+  prepare = functools.partial(to_model_inputs, num_classes=num_classes, normalization=normalization)
   for index in range(min(limit, len(source))):
     batches = eval_batches([source[index]], batch_size=1, prepare=prepare, geometry=geometry, keep=("mask",))
     batch, (info,) = next(batches)

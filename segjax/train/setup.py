@@ -21,7 +21,14 @@ from segjax.config import with_defaults
 from segjax.data import DATASETS, Dataset, load_dataset
 from segjax.data.augment import make_augment_fn
 from segjax.data.instance_targets import InstanceSettings, with_instance_targets
-from segjax.data.pipeline import WeightMap, split_class_counts, to_model_inputs, train_batches, train_dataset
+from segjax.data.pipeline import (
+  Normalization,
+  WeightMap,
+  split_class_counts,
+  to_model_inputs,
+  train_batches,
+  train_dataset,
+)
 from segjax.errors import SegjaxError
 from segjax.losses import get_loss, model_outputs
 from segjax.models import create_model
@@ -71,6 +78,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       f"{', '.join(parallel.PARALLELISMS)}."
     )
   compute_dtype(config)
+  Normalization.from_config(config.data)
   accum = config.grad_accum_steps
   if not isinstance(accum, int) or accum <= 0:
     raise SegjaxError(f"config key grad_accum_steps must be a positive integer, got {accum!r}.")
@@ -202,7 +210,12 @@ def training_batches(
     train_source,
     batch_size=config.batch_size,
     seed=config.seed,
-    prepare=functools.partial(to_model_inputs, num_classes=dataset.num_classes, weight_map=weight_map),
+    prepare=functools.partial(
+      to_model_inputs,
+      num_classes=dataset.num_classes,
+      weight_map=weight_map,
+      normalization=Normalization.from_config(config.data),
+    ),
     crop_size=crop_size,
     margin=geometry.margin,
     process_index=jax.process_index(),
@@ -359,6 +372,7 @@ class Experiment:
       geometry=self.geometry,
       evaluators=tuple(self.config.evaluators),
       instances=self.instances,
+      normalization=Normalization.from_config(self.config.data),
       mesh=self.mesh,
       evaluator_fns=self.evaluator_fns,
     )
@@ -379,6 +393,7 @@ class Experiment:
       num_classes=self.dataset.num_classes,
       geometry=self.geometry,
       batch_size=1,
+      normalization=Normalization.from_config(self.config.data),
     )
     write_outputs(predict, self.config, self.eval_source, self.test_source, workdir, summary)
 
