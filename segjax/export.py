@@ -3,7 +3,8 @@
 The exported function maps a batch of square tiles ``(b, T, T, C)`` (``b`` symbolic: any batch size) to the
 model's class probabilities (or logits) ``(b, T', T', K)``, with ``T' = T`` for same-padded models and ``T - 2 margin``
 for the unpadded U-Net. The weights are constants inside the artifact, and the input normalisation (``x / 255`` for
-uint8, ``x / 65535`` for uint16; float32 input is taken as already in [0, 1]) and test-time augmentation can be
+uint8, ``x / 65535`` for uint16, then the run's ``data.normalization`` clipping; float32 input is taken as already
+normalised) and test-time augmentation can be
 built in, so that reloading needs only ``jax`` (``jax.export.deserialize(data).call(x)``) or TensorFlow.
 """
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.data.pipeline import Normalization
 from segjax.errors import SegjaxError
 from segjax.tiling import TTA_TRANSFORMS, predict_tiles
 
@@ -28,9 +30,18 @@ def predictor_function(predictor, *, input_dtype: str = "float32", output: str =
     raise SegjaxError(f"unknown --tta '{tta}'; choose one of {', '.join(TTA_TRANSFORMS)}.")
   state = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), predictor.state)
   scale = INPUT_DTYPES[input_dtype][1]
+  normalization = Normalization.from_config(predictor.config.data)
+  if normalization.mode == "image_percentile":
+    raise SegjaxError(
+      "the run used data.normalization 'image_percentile', which takes the percentiles of the whole image, not of a "
+      "tile; predict with experiments.predict, or export with float32 input normalised as segjax.data.pipeline does."
+    )
 
   def predict(tiles: jax.Array) -> jax.Array:
-    return predict_tiles(state, tiles.astype(jnp.float32) / scale, tta=tta, output=output)
+    x = tiles.astype(jnp.float32) / scale
+    if normalization.mode == "percentile" and input_dtype != "float32":  # the run's clipping, inside the artifact
+      x = jnp.clip((x - normalization.low) / (normalization.high - normalization.low), 0.0, 1.0)
+    return predict_tiles(state, x, tta=tta, output=output)
 
   return predict
 
