@@ -131,16 +131,6 @@ def evaluate_classifier(
   return summarize_classification(totals, class_names, top_k=TOP_K)
 
 
-def check_classifier_output(state: TrainState, input_shape: tuple[int, ...], name: str) -> None:
-  """Refuses a model whose output is not one row of logits per image (B, C), e.g. a U-Net."""
-  out = jax.eval_shape(predict_logits, state, jax.ShapeDtypeStruct(input_shape, jnp.float32))
-  if out.ndim != 2:
-    raise SegjaxError(
-      f"model '{name}' (config key model.name) outputs shape {tuple(out.shape)} for input {input_shape}, not one row "
-      "of logits per image; it is a segmenter. Pick a classifier such as resnet20_cifar or resnet50."
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class ClassifierExperiment:
   """Everything a classification run needs, built once (:func:`build_classifier`); the same interface as
@@ -170,11 +160,12 @@ class ClassifierExperiment:
   def initial_state(self) -> TrainState:
     """The step-0 state from ``config.seed`` (with ``model.init_from``'s weights when set), placed on the mesh."""
     from segjax.train.finetune import init_from
+    from segjax.train.setup import check_model_output
 
     rng = jax.random.PRNGKey(self.config.seed)
     ema = self.config.ema_decay > 0
     state = create_train_state(rng, self.model, self.tx, self.input_shape, ema=ema, loss_scale=self.loss_scale)
-    check_classifier_output(state, self.input_shape, self.config.model.name)
+    check_model_output(state, self.input_shape, self.config.model.name, task="classification")
     if self.config.model.init_from:
       state = init_from(state, self.config.model.init_from, ema=ema)
     return state if self.use_pmap else parallel.replicate(state, self.mesh)
@@ -205,15 +196,9 @@ class ClassifierExperiment:
 
   def run_config(self) -> ml_collections.ConfigDict:
     """The config saved with each checkpoint, with the data set facts prediction needs."""
-    saved = ml_collections.ConfigDict(self.config.to_dict())
-    saved.dataset_info = {
-      "name": self.dataset.name,
-      "num_classes": self.dataset.num_classes,
-      "num_channels": self.dataset.num_channels,
-      "class_names": list(self.dataset.class_names),
-      "class_weights": None,
-    }
-    return saved
+    from segjax.train.setup import run_config
+
+    return run_config(self.config, self.dataset)
 
   def data_state(self, step: int) -> dict[str, Any]:
     """What the input pipeline needs to resume after ``step``."""

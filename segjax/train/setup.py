@@ -238,14 +238,24 @@ def check_workdir(workdir: str) -> None:
     raise SegjaxError(f"workdir '{workdir}' is not writable ({e.strerror}); pass a writable --workdir.") from e
 
 
-def check_segmentation_output(state: TrainState, input_shape: tuple[int, ...], name: str) -> None:
-  """Refuses a model whose output is not per-pixel logits (B, H, W, C), e.g. a ResNet classifier."""
+def check_model_output(state: TrainState, input_shape: tuple[int, ...], name: str, task: str = "segmentation") -> None:
+  """Refuses a model whose output does not fit the task: per-pixel logits (B, H, W, C) for segmentation (not a
+  ResNet classifier), one row of logits per image (B, C) for classification (not a U-Net)."""
   out = jax.eval_shape(predict_logits, state, jax.ShapeDtypeStruct(input_shape, jnp.float32))
-  if out.ndim != 4:
+  if task == "segmentation" and out.ndim != 4:
     raise SegjaxError(
       f"model '{name}' (config key model.name) outputs shape {tuple(out.shape)} for input {input_shape}, not per-pixel "
       "logits; it is a classifier. Pick a segmentation model such as unet."
     )
+  if task == "classification" and out.ndim != 2:
+    raise SegjaxError(
+      f"model '{name}' (config key model.name) outputs shape {tuple(out.shape)} for input {input_shape}, not one row "
+      "of logits per image; it is a segmenter. Pick a classifier such as resnet20_cifar or resnet50."
+    )
+
+
+check_segmentation_output = functools.partial(check_model_output, task="segmentation")
+"""The segmentation check, by its former name."""
 
 
 def run_config(
