@@ -26,6 +26,7 @@ from absl import flags
 
 from experiments import cli
 from segjax import benchmark, plan
+from segjax.data.folder import parse_pairs
 from segjax.errors import SegjaxError
 from segjax.losses import get_loss
 from segjax.models import get_model
@@ -37,6 +38,9 @@ from segjax.train.step import make_train_step
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Folder of images.", required=True)
 _MASK_DIR = flags.DEFINE_string("mask_dir", None, "Folder of masks with the same names.", required=True)
 _INSTANCE_DIR = flags.DEFINE_string("instance_dir", None, "Optional folder of instance-id maps with the same names.")
+_SPLIT_FILES = flags.DEFINE_string(
+  "split_files", None, "Optional split lists, as the config key: train:train.txt,validation:val.txt[,test:test.txt]."
+)
 _BUDGET = flags.DEFINE_string("time_budget", "30m", "Training time to plan for: 30m, 4h, 600s.")
 _OUTPUT = flags.DEFINE_string("output", None, "Config file to write (e.g. configs/mine.py).", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Also train the plan now, into this workdir (one command).")
@@ -91,6 +95,15 @@ def config_source(rows: list[plan.Setting], header: str, data_keys: dict[str, st
   return "\n".join(lines) + "\n"
 
 
+def split_keys(split_files: str | None) -> dict:
+  """The ``data`` keys of ``--split_files``: the lists as absolute paths, and no test split when none is listed
+  (the loop would otherwise look for one after training)."""
+  if not split_files:
+    return {}
+  files = {k: os.path.abspath(v) for k, v in parse_pairs(split_files, "--split_files").items()}
+  return {"split_files": files} if "test" in files else {"split_files": files, "test_split": None}
+
+
 def fingerprint_path(output: str) -> str:
   """Where the fingerprint of the plan written to ``output`` goes: ``configs/mine.py`` -> ``configs/mine.json``."""
   return os.path.splitext(output)[0] + ".fingerprint.json"
@@ -129,6 +142,7 @@ def main(argv: list[str]) -> None:
   data_keys = {"image_dir": os.path.abspath(_IMAGE_DIR.value), "mask_dir": os.path.abspath(_MASK_DIR.value)}
   if _INSTANCE_DIR.value:
     data_keys["instance_dir"] = os.path.abspath(_INSTANCE_DIR.value)
+  data_keys.update(split_keys(_SPLIT_FILES.value))
   header = (
     f"Planned by `python -m experiments.plan` for {data_keys['image_dir']}: {_BUDGET.value} of training on "
     f"{platform} ({jax.device_count()} device(s)). Fingerprint: {os.path.basename(fingerprint_path(_OUTPUT.value))}."

@@ -130,7 +130,11 @@ def test_a_bad_budget_is_a_clear_error():
 
 
 def test_a_written_plan_loads_and_trains(tmp_path):
+  import json
+
   _write(tmp_path / "data", [(40, 40)] * 6)
+  (tmp_path / "data" / "train.txt").write_text("im0\nim1\nim2\nim3\n")
+  (tmp_path / "data" / "val.txt").write_text("im4\nim5\n")
   output = tmp_path / "configs" / "mine.py"
   planned = _run(
     "experiments.plan",
@@ -140,6 +144,7 @@ def test_a_written_plan_loads_and_trains(tmp_path):
     "--time_budget=2m",
     f"--output={output}",
     "--timed_steps=2",
+    "--split_files=train:" + str(tmp_path / "data" / "train.txt") + ",validation:" + str(tmp_path / "data" / "val.txt"),
   )
   assert planned.returncode == 0, planned.stderr[-3000:]
   assert "touching_fraction 1" in planned.stdout
@@ -147,6 +152,7 @@ def test_a_written_plan_loads_and_trains(tmp_path):
   text = output.read_text()
   assert "config.data.crop_size = 32  # median image 40x40" in text and "config.instances.targets = 'contour'" in text
   assert "config.num_train_steps = " in text
+  assert f"'validation': '{tmp_path / 'data' / 'val.txt'}'" in text and "config.data.test_split = None" in text
   trained = _run(
     "experiments.train",
     f"--config={output}",
@@ -162,6 +168,9 @@ def test_a_written_plan_loads_and_trains(tmp_path):
   )
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert "instance_ap" in trained.stdout
+  with open(tmp_path / "run" / "summary.json") as f:
+    summary = json.load(f)
+  assert "validation" in summary and "test" not in summary  # the listed splits, and no test split to look for
 
 
 def test_plan_and_train_in_one_command_fits_the_budget(tmp_path):
